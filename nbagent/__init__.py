@@ -1,0 +1,77 @@
+"""nbagent: durable, idempotent, observable and cost-capped LLM agents in Jupyter.
+
+In a notebook::
+
+    %load_ext nbagent
+    %nbagent start research-1 --cap-usd 2.00 --max-steps 50
+
+    %%step plan
+    plan = ask_llm(goal).split("\\n")
+
+In Python::
+
+    run = nbagent.Run("research-1", max_cost_usd=2.0, max_steps=50)
+
+    @run.step("plan")
+    def plan(goal): ...
+"""
+
+from __future__ import annotations
+
+from ._engine import (
+    Run,
+    RunStatus,
+    StepContext,
+    StepTimeout,
+    UnsavedValueWarning,
+    current_run,
+    current_step,
+    format_usd,
+    idempotency_key,
+)
+from ._errors import (
+    CapExceeded,
+    CircuitOpenError,
+    CostCapExceeded,
+    NbagentError,
+    RunStopped,
+    StepCapExceeded,
+    StepError,
+    StepLockedError,
+    StoreError,
+    StoreFormatError,
+    ToolSchemaError,
+    UnrestoredValueError,
+)
+from ._magics import load_ipython_extension, unload_ipython_extension
+from ._store import FORMAT_VERSION, Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CapExceeded",
+    "CircuitOpenError",
+    "CostCapExceeded",
+    "NbagentError",
+    "Run",
+    "RunStatus",
+    "RunStopped",
+    "StepCapExceeded",
+    "StepContext",
+    "StepError",
+    "StepLockedError",
+    "StepTimeout",
+    "Store",
+    "StoreError",
+    "StoreFormatError",
+    "ToolSchemaError",
+    "UnrestoredValueError",
+    "UnsavedValueWarning",
+    "current_run",
+    "current_step",
+    "format_usd",
+    "idempotency_key",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+]

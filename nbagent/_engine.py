@@ -1,0 +1,1097 @@
+"""Runs and steps: identity, replay-or-execute, commit on success, caps, events.
+
+The engine knows nothing about notebooks. The IPython magics and the
+``@run.step`` decorator are two front-ends over the same three verbs:
+
+* :meth:`Run.begin` decides whether a step replays (record found, same
+  normalized source, same input values) or executes (and why), enforcing
+  the stop switch and the step cap and taking the step's lock;
+* :meth:`Execution.commit` stores a finished step atomically;
+* :meth:`Execution.abort` releases a failed step, storing nothing.
+
+Code running inside a step finds it with :func:`current_step`; the LLM
+client uses that for its call ledger and idempotency keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import inspect
+import io
+import logging
+import math
+import os
+import pickle
+import re
+import signal
+import sys
+import textwrap
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import cloudpickle
+
+from . import _fingerprint as fp
+from ._errors import (
+    NbagentError,
+    RunStopped,
+    StepCapExceeded,
+    StepError,
+    StoreError,
+)
+from ._store import NANO, Store, open_store
+
+log = logging.getLogger("nbagent")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_NAME_RE = re.compile(r"^[^\s/#][^/#]{0,199}$")
+
+_UNSET: Any = object()
+
+
+def format_usd(x: float) -> str:
+    """``$0.42``; under a cent, two significant digits (``$0.0031``)."""
+    if x <= 0 or x >= 0.01:
+        return f"${max(x, 0):.2f}"
+    return f"${x:.{-math.floor(math.log10(x)) + 1}f}"
+
+
+def format_duration(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.1f} s"
+
+
+def check_name(kind: str, name: Any) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name.strip()):
+        raise StepError(
+            f"{kind} name {name!r} is not valid: use 1-200 characters without '/', '#' "
+            f"or leading spaces, e.g. `plan` or `research-1`."
+        )
+    return name.strip()
+
+
+class StepTimeout(NbagentError, TimeoutError):
+    """A step ran past its ``--timeout``."""
+
+
+# -- what code inside a step can see ---------------------------------------------
+
+
+@dataclass
+class StepContext:
+    """The step being executed, as seen from code inside it."""
+
+    #: the run the step belongs to
+    run: Run
+    #: the step's NAME
+    name: str
+    #: 1 for the first call of NAME in the run, 2 for the second, ...
+    occurrence: int
+    #: the attempt of the step body (1-based; retries increment it)
+    attempt: int = 1
+    #: LLM calls and spend of this step so far (all attempts)
+    llm_calls: int = 0
+    cost_usd: float = 0.0
+    #: per-attempt counters that give each call and effect a stable position
+    call_index: int = 0
+    effect_index: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def step_id(self) -> str:
+        return f"{self.name}#{self.occurrence}"
+
+    def idempotency_key(self, label: str | None = None) -> str:
+        key = f"run:{self.run.name}:step:{self.name}:{self.occurrence}"
+        return f"{key}:{label}" if label else key
+
+    def next_call(self) -> int:
+        """Position of the next LLM call within this attempt (1-based)."""
+        self.call_index += 1
+        return self.call_index
+
+    def new_attempt(self, attempt: int) -> None:
+        self.attempt = attempt
+        self.call_index = 0
+        self.effect_index.clear()
+
+
+_step_var: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar(
+    "nbagent_step", default=None
+)
+# Threads started inside a notebook step do not inherit context variables;
+# the step that the notebook is running is also kept here for them.
+_notebook_step: StepContext | None = None
+_current_run: Run | None = None
+
+
+def current_step() -> StepContext | None:
+    """The step executing now (in this task, or the notebook's running step), or None."""
+    return _step_var.get() or _notebook_step
+
+
+def current_run(required: bool = True) -> Run | None:
+    """The run that steps and LLM calls belong to: the active step's, else the last opened."""
+    ctx = current_step()
+    if ctx is not None:
+        return ctx.run
+    if _current_run is None and required:
+        raise NbagentError(
+            "no nbagent run is open. Open one with `nbagent.Run('my-run')` in Python, "
+            "or `%load_ext nbagent` then `%nbagent start my-run` in a notebook."
+        )
+    return _current_run
+
+
+def idempotency_key(label: str | None = None) -> str:
+    """A deterministic key for a side effect of the current step.
+
+    ``run:<run>:step:<name>:<occurrence>[:label]`` — the same across retries,
+    kernel restarts and processes, different per run, step and occurrence.
+    """
+    ctx = current_step()
+    if ctx is None:
+        raise NbagentError(
+            "nbagent.idempotency_key() is only meaningful inside a step: call it from a "
+            "`%%step` cell or a function decorated with `@run.step(...)`."
+        )
+    return ctx.idempotency_key(label)
+
+
+# -- status as data ------------------------------------------------------------------
+
+
+@dataclass
+class StepSummary:
+    step_id: str
+    name: str
+    status: str
+    duration_s: float
+    llm_calls: int
+    cost_usd: float
+    finished_at: float
+    unsaved: dict[str, str]
+
+
+@dataclass
+class RunStatus:
+    """A snapshot of a run: spend, caps, counters and steps. Renders as text and HTML."""
+
+    run: str
+    store: str
+    spend_usd: float
+    reserved_usd: float
+    max_cost_usd: float | None
+    steps_executed: int
+    max_steps: int | None
+    llm_calls: int
+    max_llm_calls: int | None
+    stopped: str | None
+    steps: list[StepSummary]
+
+    def lines(self) -> list[str]:
+        cap = format_usd(self.max_cost_usd) if self.max_cost_usd is not None else "no cap"
+        out = [
+            f"run {self.run!r} · store {self.store}",
+            f"spend {format_usd(self.spend_usd)} / {cap} · steps executed "
+            f"{self.steps_executed}/{self.max_steps if self.max_steps is not None else '∞'} · "
+            f"LLM calls {self.llm_calls}/{self.max_llm_calls if self.max_llm_calls is not None else '∞'}",
+        ]
+        if self.stopped:
+            out.append(f"STOPPED: {self.stopped} (resume with `%nbagent resume` / run.resume())")
+        for s in self.steps:
+            out.append(
+                f"  {s.status:<8} {s.step_id:<24} {format_duration(s.duration_s):>8} "
+                f"{s.llm_calls:>3} calls {format_usd(s.cost_usd):>9}"
+            )
+        if not self.steps:
+            out.append("  (no completed steps yet)")
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(str(self))
+
+
+# -- the run -----------------------------------------------------------------------
+
+
+class Run:
+    """A durable agent run: steps, spend and caps kept in a store on disk.
+
+    Opening a run that exists resumes it. Caps passed here that differ from
+    the stored ones are an explicit, recorded cap change; caps left out keep
+    their stored values.
+
+    :param name: the run's name, e.g. ``"research-1"``.
+    :param store: store directory (default ``$NBAGENT_DIR`` or ``./.nbagent``).
+    :param max_cost_usd: hard ceiling on LLM spend in USD (None: no cap).
+    :param max_steps: ceiling on step executions (replays are free).
+    :param max_llm_calls: ceiling on LLM calls.
+    :param strict: make unsaveable step variables an error instead of a warning.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        store: str | os.PathLike[str] | Store | None = None,
+        *,
+        max_cost_usd: float | None = None,
+        max_steps: int | None = None,
+        max_llm_calls: int | None = None,
+        strict: bool = False,
+        activate: bool = True,
+        notebook: str | None = None,
+    ) -> None:
+        self.name = check_name("run", name)
+        self.store = store if isinstance(store, Store) else open_store(store)
+        self.strict = strict
+        self._observers: list[Callable[[dict[str, Any]], None]] = []
+        self._alert_hooks: list[Callable[[dict[str, Any]], None]] = []
+        self._occurrences: dict[str, int] = {}
+        record = self.store.get_run(self.name)
+        if record is None:
+            record = {
+                "name": self.name,
+                "created": time.time(),
+                "notebook": notebook,
+                "caps": {"usd": None, "steps": None, "llm_calls": None},
+                "stopped": None,
+            }
+            self.store.put_run(self.name, record)
+        wanted = {"usd": max_cost_usd, "steps": max_steps, "llm_calls": max_llm_calls}
+        changes = {k: v for k, v in wanted.items() if v is not None and v != record["caps"].get(k)}
+        if changes:
+            self.set_cap(**changes, reason="opened with new caps")
+        if activate:
+            self.activate()
+
+    def activate(self) -> Run:
+        """Make this the run that steps and LLM calls use by default."""
+        global _current_run
+        _current_run = self
+        return self
+
+    def __repr__(self) -> str:
+        return f"<nbagent.Run {self.name!r} spend={format_usd(self.spend_usd)} store={self.store.path}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("an nbagent.Run is bound to an open store and is not saved with a step")
+
+    # -- stored state ---------------------------------------------------------
+
+    @property
+    def record(self) -> dict[str, Any]:
+        rec = self.store.get_run(self.name)
+        if rec is None:
+            raise StoreError(f"run {self.name!r} is missing from the store {self.store.path}")
+        return rec
+
+    @property
+    def caps(self) -> dict[str, Any]:
+        return dict(self.record["caps"])
+
+    @property
+    def max_cost_usd(self) -> float | None:
+        return self.caps.get("usd")
+
+    @property
+    def max_steps(self) -> int | None:
+        return self.caps.get("steps")
+
+    @property
+    def max_llm_calls(self) -> int | None:
+        return self.caps.get("llm_calls")
+
+    @property
+    def spend_usd(self) -> float:
+        return self.store.counter(self.name, "spend_nusd") / NANO
+
+    @property
+    def reserved_usd(self) -> float:
+        return self.store.counter(self.name, "reserved_nusd") / NANO
+
+    @property
+    def llm_calls(self) -> int:
+        return self.store.counter(self.name, "llm_calls")
+
+    @property
+    def steps_executed(self) -> int:
+        return self.store.counter(self.name, "steps")
+
+    @property
+    def stopped(self) -> str | None:
+        """Why the run is stopped, or None while it may go on."""
+        stop = self.record.get("stopped")
+        return stop["reason"] if stop else None
+
+    # -- control (the public calls the magics and the dashboard use) -----------
+
+    def set_cap(
+        self,
+        *,
+        usd: float | None = _UNSET,
+        steps: int | None = _UNSET,
+        llm_calls: int | None = _UNSET,
+        reason: str = "changed on purpose",
+    ) -> dict[str, Any]:
+        """Change caps on purpose (None removes one). Recorded in the trace."""
+        for key, value in (("usd", usd), ("steps", steps), ("llm_calls", llm_calls)):
+            if value is _UNSET or value is None:
+                continue
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or value < 0
+                or math.isnan(value)
+            ):
+                raise NbagentError(
+                    f"cap {key}={value!r} is not valid: use a number >= 0, or None for no cap."
+                )
+        with self.store.transaction():
+            rec = self.record
+            old = dict(rec["caps"])
+            for key, value in (("usd", usd), ("steps", steps), ("llm_calls", llm_calls)):
+                if value is not _UNSET:
+                    rec["caps"][key] = value
+            self.store.put_run(self.name, rec)
+        new = dict(rec["caps"])
+        self.record_event(
+            kind="cap",
+            name="cap",
+            status="changed",
+            detail={"old": old, "new": new, "reason": reason},
+        )
+        self._emit({"type": "cap_changed", "old": old, "new": new, "reason": reason})
+        return new
+
+    def stop(self, reason: str = "stopped by the user") -> None:
+        """Stop the run: the next LLM call or step execution raises RunStopped."""
+        with self.store.transaction():
+            rec = self.record
+            rec["stopped"] = {"reason": reason, "at": time.time()}
+            self.store.put_run(self.name, rec)
+        self.record_event(kind="control", name="stop", status="stopped", error=reason)
+        self._emit({"type": "stopped", "reason": reason})
+
+    def resume(self) -> None:
+        """Let a stopped run go on (after fixing what stopped it, e.g. an API key)."""
+        with self.store.transaction():
+            rec = self.record
+            rec["stopped"] = None
+            self.store.put_run(self.name, rec)
+        self.record_event(kind="control", name="resume", status="resumed")
+        self._emit({"type": "resumed"})
+
+    def check_not_stopped(self) -> None:
+        reason = self.stopped
+        if reason:
+            raise RunStopped(
+                f"run {self.name!r} is stopped: {reason}. Fix the cause, then resume it with "
+                "`%nbagent resume` or `run.resume()`."
+            )
+
+    # -- the cost ceiling: reserve before a call, settle after ---------------------
+
+    def reserve(self, worst_usd: float, *, what: str = "the next LLM call") -> int:
+        """Reserve the worst-case cost of a call against the caps, atomically across processes.
+
+        Refuses with CostCapExceeded if spent + reserved + worst could cross
+        ``max_cost_usd``, and with StepCapExceeded when ``max_llm_calls`` is
+        used up. Returns the reservation (nano-dollars) to pass to :meth:`settle`.
+        """
+        from ._errors import CostCapExceeded
+
+        self.check_not_stopped()
+        worst = max(0, math.ceil(worst_usd * NANO))
+        store = self.store
+        with store.transaction():
+            caps = self.caps
+            spent = store.counter(self.name, "spend_nusd")
+            reserved = store.counter(self.name, "reserved_nusd")
+            calls = store.counter(self.name, "llm_calls")
+            refusal = None
+            if caps.get("llm_calls") is not None and calls + 1 > caps["llm_calls"]:
+                refusal = StepCapExceeded(
+                    f"LLM call cap reached: run {self.name!r} made {calls} of its "
+                    f"max_llm_calls={caps['llm_calls']} calls — possible loop. {what} was not sent. "
+                    "Raise the cap on purpose with `%nbagent cap --llm-calls N` or "
+                    "run.set_cap(llm_calls=N)."
+                )
+                cap_name = "max_llm_calls"
+            elif caps.get("usd") is not None and spent + reserved + worst > math.floor(
+                caps["usd"] * NANO
+            ):
+                refusal = CostCapExceeded(
+                    f"cost cap: run {self.name!r} has spent {format_usd(spent / NANO)}"
+                    + (
+                        f" (+{format_usd(reserved / NANO)} reserved by calls in flight)"
+                        if reserved
+                        else ""
+                    )
+                    + f" of its {format_usd(caps['usd'])} cap, and {what} could cost up to "
+                    f"{format_usd(worst / NANO)}, so it was not sent. Raise the cap on purpose with "
+                    "`%nbagent cap --usd X` or run.set_cap(usd=X), or lower max_tokens."
+                )
+                cap_name = "max_cost_usd"
+            if refusal is None:
+                store.incr(self.name, "reserved_nusd", worst)
+                store.incr(self.name, "llm_calls", 1)
+        if refusal is not None:
+            self.record_event(
+                kind="cap",
+                name=cap_name,
+                status="refused",
+                error=str(refusal),
+                cost_usd=worst / NANO,
+            )
+            self._emit(
+                {
+                    "type": "cap_refused",
+                    "cap": cap_name,
+                    "message": str(refusal),
+                    "worst_usd": worst / NANO,
+                }
+            )
+            self.alert("cap", str(refusal))
+            raise refusal
+        return worst
+
+    def settle(self, reservation: int, actual_usd: float) -> float:
+        """Replace a reservation by the call's real cost; returns the run's new spend.
+
+        The reservation must be a true worst case (prompt *bytes* bound its
+        tokens from above; ``max_tokens`` or the model's output limit bounds
+        the output), so the real cost never exceeds it and spend never ends
+        above the cap. The real cost is recorded as it is, never clamped.
+        """
+        actual = max(0, math.ceil(actual_usd * NANO))
+        with self.store.transaction():
+            self.store.incr(self.name, "reserved_nusd", -reservation)
+            spent = self.store.incr(self.name, "spend_nusd", actual)
+        return spent / NANO
+
+    # -- events and alerts ------------------------------------------------------
+
+    def subscribe(self, observer: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """Call ``observer(event)`` for every engine event; returns an unsubscribe function."""
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer) if observer in self._observers else None
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        event.setdefault("run", self.name)
+        event.setdefault("ts", time.time())
+        for observer in list(self._observers):
+            try:
+                observer(event)
+            except Exception:  # an observer must never break a step
+                log.exception("nbagent observer %r failed", observer)
+
+    def on_alert(self, hook: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``hook(alert)`` for every alert (auth failure, repeated 503, circuit, cap)."""
+        self._alert_hooks.append(hook)
+
+    def alert(self, kind: str, message: str, step: str | None = None) -> None:
+        """Raise a visible alert: logged as a WARNING, traced, shown, and sent to hooks."""
+        ctx = current_step()
+        step = step or (ctx.step_id if ctx else None)
+        alert = {
+            "kind": kind,
+            "message": message,
+            "step": step,
+            "ts": time.time(),
+            "run": self.name,
+        }
+        log.warning("nbagent alert [%s] run %s step %s: %s", kind, self.name, step, message)
+        self.record_event(kind="alert", name=kind, step=step, status="alert", error=message)
+        self._emit({"type": "alert", **alert})
+        for hook in list(self._alert_hooks):
+            try:
+                hook(alert)
+            except Exception:
+                log.exception("nbagent alert hook %r failed", hook)
+
+    def alerts(self) -> list[dict[str, Any]]:
+        cols, rows = self.store.trace_rows(self.name)
+        i = {c: n for n, c in enumerate(cols)}
+        return [
+            {"ts": r[i["ts"]], "kind": r[i["name"]], "step": r[i["step"]], "message": r[i["error"]]}
+            for r in rows
+            if r[i["kind"]] == "alert"
+        ]
+
+    def record_event(self, **row: Any) -> None:
+        """Append a row to the run's trace."""
+        row.setdefault("run", self.name)
+        if "step" not in row:
+            ctx = current_step()
+            row["step"] = ctx.step_id if ctx else None
+        self.store.add_trace(row)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def trace(self) -> Any:
+        """The run's trace as a pandas DataFrame, one row per LLM attempt, tool call and event."""
+        from ._trace import trace_frame
+
+        return trace_frame(self.store, self.name)
+
+    def status(self) -> RunStatus:
+        steps = []
+        for step_id in self.store.step_ids(self.name):
+            rec = self.store.get_step(self.name, step_id)
+            if rec:
+                steps.append(
+                    StepSummary(
+                        step_id=step_id,
+                        name=rec["name"],
+                        status=rec.get("status", "done"),
+                        duration_s=rec.get("duration_s", 0.0),
+                        llm_calls=rec.get("llm_calls", 0),
+                        cost_usd=rec.get("cost_usd", 0.0),
+                        finished_at=rec.get("finished_at", 0.0),
+                        unsaved=rec.get("unsaved", {}),
+                    )
+                )
+        caps = self.caps
+        return RunStatus(
+            run=self.name,
+            store=str(self.store.path),
+            spend_usd=self.spend_usd,
+            reserved_usd=self.reserved_usd,
+            max_cost_usd=caps.get("usd"),
+            steps_executed=self.steps_executed,
+            max_steps=caps.get("steps"),
+            llm_calls=self.llm_calls,
+            max_llm_calls=caps.get("llm_calls"),
+            stopped=self.stopped,
+            steps=steps,
+        )
+
+    def steps(self) -> list[str]:
+        return self.store.step_ids(self.name)
+
+    def reset(self, steps: list[str] | None = None) -> list[str]:
+        """Forget completed steps (all when ``steps`` is None) so they execute again.
+
+        Spend, counters and the trace are kept: budgets are never reset.
+        Returns the step ids dropped.
+        """
+        ids = self.store.step_ids(self.name)
+        if steps is None:
+            chosen = ids
+        else:
+            chosen = []
+            for s in steps:
+                match = [i for i in ids if i == s or i.split("#", 1)[0] == s]
+                if not match:
+                    known = ", ".join(sorted({i.split("#", 1)[0] for i in ids})) or "none"
+                    raise StepError(
+                        f"run {self.name!r} has no step {s!r} (steps: {known}); nothing was dropped."
+                    )
+                chosen += [m for m in match if m not in chosen]
+        for step_id in chosen:
+            self.store.drop_step(self.name, step_id)
+        if chosen:
+            self.record_event(
+                kind="control", name="reset", status="reset", detail={"steps": chosen}
+            )
+            self._emit({"type": "reset", "steps": chosen})
+        return chosen
+
+    # -- the step verbs ------------------------------------------------------------------
+
+    def next_occurrence(self, name: str) -> int:
+        n = self._occurrences.get(name, 0) + 1
+        self._occurrences[name] = n
+        return n
+
+    def begin(
+        self,
+        name: str,
+        occurrence: int,
+        source_hash: str,
+        inputs: dict[str, str],
+        *,
+        rerun: bool = False,
+        cell_id: str | None = None,
+    ) -> Execution:
+        """Decide replay or execute for one step; for execute, enforce stop and step cap and lock it."""
+        name = check_name("step", name)
+        step_id = f"{name}#{occurrence}"
+        record = self.store.get_step(self.name, step_id)
+        reason: str | None = None
+        if record is not None:
+            if rerun:
+                reason = "--rerun"
+            elif record.get("source_hash") != source_hash:
+                reason = "source changed"
+            else:
+                old = record.get("inputs", {})
+                changed = sorted(n for n in set(old) | set(inputs) if old.get(n) != inputs.get(n))
+                if changed:
+                    shown = ", ".join(f"`{n}`" for n in changed[:3]) + (
+                        ", ..." if len(changed) > 3 else ""
+                    )
+                    reason = (
+                        f"input {shown} changed" if len(changed) == 1 else f"inputs {shown} changed"
+                    )
+        if record is not None and reason is None:
+            return Execution(
+                self, name, occurrence, source_hash, inputs, record=record, cell_id=cell_id
+            )
+
+        self.check_not_stopped()
+        taken_over = self.store.acquire_lock(self.name, step_id)
+        try:
+            n = self.store.incr(self.name, "steps")
+            cap = self.max_steps
+            if cap is not None and n > cap:
+                self.store.incr(self.name, "steps", -1)
+                message = (
+                    f"step cap reached: run {self.name!r} already executed {n - 1} of its "
+                    f"max_steps={cap} steps — possible loop. Step {step_id!r} was not run. "
+                    "Raise the cap on purpose with `%nbagent cap --steps N` or run.set_cap(steps=N)."
+                )
+                self.record_event(
+                    kind="cap", name="max_steps", step=step_id, status="refused", error=message
+                )
+                self._emit(
+                    {"type": "cap_refused", "cap": "steps", "step": step_id, "message": message}
+                )
+                raise StepCapExceeded(message)
+        except BaseException:
+            self.store.release_lock(self.name, step_id)
+            raise
+        ex = Execution(self, name, occurrence, source_hash, inputs, reason=reason, cell_id=cell_id)
+        if taken_over:
+            self.record_event(
+                kind="step",
+                name=name,
+                step=step_id,
+                status="takeover",
+                detail={"dead_owner": taken_over},
+            )
+        self._emit({"type": "step_started", "step": step_id, "name": name, "reason": reason})
+        return ex
+
+    # -- the Python front-end ------------------------------------------------------------
+
+    def step(
+        self,
+        name: str | None = None,
+        *,
+        retries: int = 0,
+        timeout: float | None = None,
+        rerun: bool = False,
+        policy: Any = None,
+    ) -> Callable[[F], F]:
+        """Make a function a durable step of this run.
+
+        Identity is the name plus the occurrence within the run: a step called
+        in a loop gets one record per call. On replay the recorded return value
+        comes back without calling the function, and its recorded output is
+        printed again (marked as replayed).
+        """
+
+        def decorate(fn: F) -> F:
+            step_name = check_name("step", name or fn.__name__)
+            src = function_source_hash(fn)
+            globals_read = sorted(
+                n
+                for n in fp.reachable_names(fp._code_globals(fn.__code__), fn.__globals__)
+                if fp.is_user_name(n) and not isinstance(fn.__globals__.get(n), Run)
+            )
+
+            @functools.wraps(fn)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                occurrence = self.next_occurrence(step_name)
+                g = fn.__globals__
+                inputs = {"(arguments)": fp.hash_value((args, kwargs))}
+                inputs.update({n: fp.hash_value(g[n]) for n in globals_read if n in g})
+                ex = self.begin(step_name, occurrence, src, inputs, rerun=rerun)
+                if ex.replay:
+                    ex.print_replay()
+                    return ex.load_value("(return)")
+                return ex.run_function(
+                    fn, args, kwargs, retries=retries, timeout=timeout, policy=policy
+                )
+
+            wrapper.__nbagent_step__ = step_name  # type: ignore[attr-defined]
+            return wrapper  # type: ignore[return-value]
+
+        return decorate
+
+    def close(self) -> None:
+        global _current_run
+        if _current_run is self:
+            _current_run = None
+
+
+def function_source_hash(fn: Callable[..., Any]) -> str:
+    """Normalized source of a function without its decorators; bytecode if no source."""
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+        tree = fp.ast.parse(source)
+        node = tree.body[0]
+        if isinstance(node, fp.ast.FunctionDef | fp.ast.AsyncFunctionDef):
+            node.decorator_list = []
+        return fp.source_hash(fp.ast.unparse(tree))
+    except (OSError, TypeError, SyntaxError, IndexError):
+        h = fp._Hasher()
+        h.code(fn.__code__)
+        return h.h.hexdigest()
+
+
+# -- one execution or replay of a step ------------------------------------------------
+
+
+def dumps_value(value: Any) -> bytes:
+    return cloudpickle.dumps(value, protocol=5)
+
+
+class Execution:
+    """One step on its way: a replay of a record, or an execution to commit or abort."""
+
+    def __init__(
+        self,
+        run: Run,
+        name: str,
+        occurrence: int,
+        source_hash: str,
+        inputs: dict[str, str],
+        *,
+        record: dict[str, Any] | None = None,
+        reason: str | None = None,
+        cell_id: str | None = None,
+    ) -> None:
+        self.run = run
+        self.name = name
+        self.occurrence = occurrence
+        self.step_id = f"{name}#{occurrence}"
+        self.source_hash = source_hash
+        self.inputs = inputs
+        self.record = record
+        self.replay = record is not None
+        self.reason = reason
+        self.cell_id = cell_id
+        self.started = time.time()
+        self._t0 = time.perf_counter()
+        self.context = StepContext(run=run, name=name, occurrence=occurrence)
+        self.attempts = 0
+        self.finished = False
+
+    # -- replay ---------------------------------------------------------------------------
+
+    def replay_marker(self) -> str:
+        rec = self.record or {}
+        calls = rec.get("llm_calls", 0)
+        parts = [
+            f"↺ replayed step {self.name!r} from disk",
+            f"ran {format_duration(rec.get('duration_s', 0.0))}",
+            f"{calls} LLM call{'s' if calls != 1 else ''}",
+            format_usd(rec.get("cost_usd", 0.0)),
+        ]
+        unsaved = rec.get("unsaved") or {}
+        if unsaved:
+            parts.append("not restored: " + ", ".join(sorted(unsaved)))
+        return " · ".join(parts)
+
+    def load_value(self, name: str) -> Any:
+        payload = self.run.store.get_blob(f"{self.run.name}/{self.step_id}/{name}")
+        if payload is None:
+            raise StoreError(
+                f"the stored value {name!r} of step {self.step_id!r} is missing from "
+                f"{self.run.store.path}; re-run the step with --rerun."
+            )
+        return pickle.loads(payload)
+
+    def restored_values(self) -> dict[str, Any]:
+        """Every variable the step stored, plus placeholders for those it could not."""
+        rec = self.record or {}
+        values = {name: self.load_value(name) for name in rec.get("saved", [])}
+        for name, info in (rec.get("unsaved") or {}).items():
+            values[name] = fp.Unrestored(name, self.name, info["reason"], info["token"])
+        return values
+
+    def print_replay(self, file: Any = None) -> None:
+        out = file or sys.stdout
+        print(self.replay_marker(), file=out)
+        for item in (self.record or {}).get("outputs", []):
+            if item.get("type") == "stream":
+                print(
+                    item["text"], end="", file=sys.stderr if item.get("name") == "stderr" else out
+                )
+        self.replayed()
+
+    def replayed(self) -> None:
+        self.finished = True
+        rec = self.record or {}
+        self.run.record_event(
+            kind="step",
+            name=self.name,
+            step=self.step_id,
+            status="replayed",
+            replayed=1,
+            latency_s=time.perf_counter() - self._t0,
+        )
+        self.run._emit(
+            {"type": "step_replayed", "step": self.step_id, "name": self.name, "record": rec}
+        )
+
+    # -- execute ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def attempt(self, number: int, timeout: float | None = None) -> Iterator[StepContext]:
+        """Run one attempt of the body with the step visible to the code inside it."""
+        self.run.check_not_stopped()
+        self.attempts = number
+        self.context.new_attempt(number)
+        token = _step_var.set(self.context)
+        try:
+            with time_limit(timeout, self.name):
+                yield self.context
+        finally:
+            _step_var.reset(token)
+
+    def run_function(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        retries: int = 0,
+        timeout: float | None = None,
+        policy: Any = None,
+    ) -> Any:
+        out = _Tee(sys.stdout)
+        try:
+            with contextlib.redirect_stdout(out):  # type: ignore[type-var]
+                for attempt_cm in step_attempts(self, retries=retries, timeout=timeout, policy=policy):
+                    with attempt_cm:
+                        result = fn(*args, **kwargs)
+        except BaseException as e:
+            self.abort(e)
+            raise
+        outputs = (
+            [{"type": "stream", "name": "stdout", "text": out.captured()}] if out.captured() else []
+        )
+        self.commit({"(return)": result}, outputs=outputs, result=None)
+        return result
+
+    def commit(
+        self,
+        values: dict[str, Any],
+        *,
+        outputs: list[dict[str, Any]],
+        result: dict[str, Any] | None,
+        deleted: list[str] | None = None,
+        strict: bool | None = None,
+        warn: bool = True,
+    ) -> dict[str, dict[str, str]]:
+        """Store the finished step; returns the values that could not be stored, with why."""
+        blobs: dict[str, bytes] = {}
+        unsaved: dict[str, dict[str, str]] = {}
+        for name, value in values.items():
+            try:
+                blobs[name] = dumps_value(value)
+            except Exception as e:  # noqa: BLE001 - any pickling failure means "cannot store"
+                reason = f"{type(value).__name__}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                unsaved[name] = {"reason": reason, "token": fp.opaque_token(value)}
+        if unsaved and (self.run.strict if strict is None else strict):
+            self.abort(None)
+            names = ", ".join(sorted(unsaved))
+            raise StepError(
+                f"step {self.name!r} made values that cannot be stored: {names} "
+                f"({'; '.join(v['reason'] for v in unsaved.values())}). Make them in a setup cell "
+                "outside the step, exclude them with --exclude, or drop --strict."
+            )
+        duration = time.perf_counter() - self._t0
+        record = {
+            "run": self.run.name,
+            "name": self.name,
+            "occurrence": self.occurrence,
+            "status": "done",
+            "source_hash": self.source_hash,
+            "inputs": self.inputs,
+            "saved": sorted(blobs),
+            "unsaved": unsaved,
+            "deleted": sorted(deleted or []),
+            "outputs": outputs,
+            "result": result,
+            "duration_s": duration,
+            "attempts": self.attempts,
+            "llm_calls": self.context.llm_calls,
+            "cost_usd": self.context.cost_usd,
+            "started_at": self.started,
+            "finished_at": time.time(),
+            "cell_id": self.cell_id,
+        }
+        try:
+            self.run.store.commit_step(self.run.name, self.step_id, record, blobs)
+        finally:
+            self.run.store.release_lock(self.run.name, self.step_id)
+        self.finished = True
+        self.record = record
+        self.run.record_event(
+            kind="step",
+            name=self.name,
+            step=self.step_id,
+            status="done",
+            attempt=self.attempts,
+            latency_s=duration,
+            cost_usd=self.context.cost_usd,
+        )
+        self.run._emit(
+            {"type": "step_done", "step": self.step_id, "name": self.name, "record": record}
+        )
+        if unsaved and warn:
+            names = ", ".join(f"{n} ({v['reason']})" for n, v in sorted(unsaved.items()))
+            warnings.warn(
+                f"step {self.name!r} completed, but these values cannot be stored and will be "
+                f"missing after a restart: {names}. Make them in a setup cell outside the step, "
+                "or pass --strict to make this an error.",
+                UnsavedValueWarning,
+                stacklevel=2,
+            )
+        return unsaved
+
+    def abort(self, error: BaseException | None) -> None:
+        """The step failed or was interrupted: release it, store nothing."""
+        if self.finished:
+            return
+        self.finished = True
+        self.run.store.release_lock(self.run.name, self.step_id)
+        if error is not None:
+            status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+            self.run.record_event(
+                kind="step",
+                name=self.name,
+                step=self.step_id,
+                status=status,
+                attempt=self.attempts,
+                error=f"{type(error).__name__}: {error}",
+                latency_s=time.perf_counter() - self._t0,
+                cost_usd=self.context.cost_usd,
+            )
+            self.run._emit(
+                {"type": "step_failed", "step": self.step_id, "name": self.name, "error": error}
+            )
+
+
+class _Attempt:
+    """Context manager for one attempt: runs it with the step visible, keeps its error."""
+
+    def __init__(self, ex: Execution, number: int, timeout: float | None) -> None:
+        self.ex, self.number, self.timeout = ex, number, timeout
+        self.error: BaseException | None = None
+        self._cm: Any = None
+
+    def __enter__(self) -> StepContext:
+        self._cm = self.ex.attempt(self.number, self.timeout)
+        return self._cm.__enter__()
+
+    def __exit__(self, et: Any, ev: BaseException | None, tb: Any) -> bool:
+        self._cm.__exit__(et, ev, tb)
+        self.error = ev
+        return ev is not None and not isinstance(ev, KeyboardInterrupt | SystemExit | GeneratorExit)
+
+
+def step_attempts(
+    ex: Execution, *, retries: int = 0, timeout: float | None = None, policy: Any = None
+) -> Iterator[_Attempt]:
+    """Attempts of a step body: ``for a in step_attempts(ex, retries=2): with a: body``.
+
+    A failed attempt is retried (after the policy's backoff) while the policy
+    allows it; the last error is re-raised with its own type.
+    """
+    from ._retry import step_policy
+
+    retrier = step_policy(retries, timeout) if policy is None else policy
+    number = 0
+    while True:
+        number += 1
+        attempt = _Attempt(ex, number, timeout)
+        yield attempt
+        error = attempt.error
+        if error is None:
+            return
+        decision = retrier.decide(error, number)
+        ex.run.record_event(
+            kind="step",
+            name=ex.name,
+            step=ex.step_id,
+            attempt=number,
+            status="retrying" if decision.retry else "failed",
+            error=f"{type(error).__name__}: {error}",
+            wait_s=decision.wait_s if decision.retry else None,
+        )
+        if not decision.retry:
+            raise error
+        ex.run._emit(
+            {
+                "type": "step_retrying",
+                "step": ex.step_id,
+                "name": ex.name,
+                "attempt": number,
+                "wait_s": decision.wait_s,
+                "error": error,
+            }
+        )
+        retrier.sleep(decision.wait_s)
+
+
+class UnsavedValueWarning(UserWarning):
+    """A step made values that cannot be stored (they will be missing after a restart)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, step: str) -> Iterator[None]:
+    """Raise StepTimeout in the main thread when the body runs past ``seconds``."""
+    if not seconds:
+        yield
+        return
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+        signal, "setitimer"
+    ):
+        warnings.warn(
+            f"step {step!r}: --timeout only works in the main thread; not enforced", stacklevel=3
+        )
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise StepTimeout(f"step {step!r} ran past its timeout of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class _Tee(io.TextIOBase):
+    """Writes through to a stream and keeps a copy (live output, recorded for replay)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def captured(self) -> str:
+        return "".join(self.parts)

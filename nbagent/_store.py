@@ -1,0 +1,431 @@
+"""The on-disk ledger: runs, steps, variable blobs, outputs, spend and the trace.
+
+Layout of a store directory (created private to the user, mode 0700)::
+
+    STORE/            a diskcache.Cache: every key is a plain string and every
+                      value is a str (JSON), an int or signed bytes, so opening
+                      a store never unpickles anything (diskcache would unpickle
+                      other types on read)
+    STORE/trace.sqlite3   the append-only trace (one row per LLM attempt, tool
+                      call, step outcome, cap change and alert)
+
+Why two files: the trace is a table that is scanned whole to build a
+DataFrame (100k rows in well under a second with one SQL query); diskcache is a
+key-value store and shines at the rest. Writes are crash-safe: diskcache
+commits each write in one SQLite transaction and writes large values to a
+file before the row that names it, so a SIGKILL leaves either the old or the
+new entry, never half of one.
+
+Variable blobs are pickles, and unpickling runs code, so every blob carries an
+HMAC-SHA256 signature made with a per-store key kept *outside* the store
+(``~/.local/share/nbagent/keys``, or ``NBAGENT_KEY_DIR``). A blob whose
+signature does not verify is never unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import os
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+from ._errors import StepLockedError, StoreError, StoreFormatError
+
+#: Version of the on-disk layout. Bump it (and keep a fixture of the old
+#: layout under tests/) when a key or a record changes shape.
+FORMAT_VERSION = 1
+
+#: Money is kept as integer nano-dollars so counters can be incremented
+#: atomically by diskcache (which only increments integers).
+NANO = 1_000_000_000
+
+_BLOB_MAGIC = b"NBA1"
+_SIG_LEN = 32
+
+TRACE_COLUMNS: tuple[str, ...] = (
+    "ts",
+    "run",
+    "step",
+    "kind",
+    "name",
+    "attempt",
+    "status",
+    "error",
+    "wait_s",
+    "model",
+    "input_tokens",
+    "cached_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "latency_s",
+    "idempotency_key",
+    "replayed",
+    "price_known",
+    "request",
+    "response",
+    "detail",
+)
+
+_TRACE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS trace (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL, run TEXT NOT NULL, step TEXT, kind TEXT NOT NULL, name TEXT,
+    attempt INTEGER, status TEXT, error TEXT, wait_s REAL, model TEXT,
+    input_tokens INTEGER, cached_tokens INTEGER, output_tokens INTEGER,
+    reasoning_tokens INTEGER, cost_usd REAL, latency_s REAL, idempotency_key TEXT,
+    replayed INTEGER, price_known INTEGER, request TEXT, response TEXT, detail TEXT
+);
+CREATE INDEX IF NOT EXISTS trace_run ON trace (run, seq);
+"""
+
+
+def default_store_dir() -> Path:
+    """``$NBAGENT_DIR`` if set, else ``.nbagent/`` in the working directory.
+
+    A notebook's kernel starts in the notebook's folder, so this is the
+    folder beside the notebook.
+    """
+    env = os.environ.get("NBAGENT_DIR")
+    return Path(env).expanduser() if env else Path.cwd() / ".nbagent"
+
+
+def _key_dir() -> Path:
+    env = os.environ.get("NBAGENT_KEY_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "nbagent" / "keys"
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time of a process (Linux), to tell a live owner from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(owner: dict[str, Any]) -> bool:
+    if owner.get("host") != socket.gethostname():
+        return True  # cannot check another machine's processes: assume alive
+    pid = int(owner.get("pid", 0))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    started = owner.get("pstart")
+    return started is None or started == _process_start(pid)
+
+
+class Store:
+    """One nbagent store directory. Safe to share between processes.
+
+    :param directory: folder of the store; created (mode 0700) if missing.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.path = Path(directory).expanduser().resolve()
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(
+                f"cannot create the nbagent store at {self.path} ({e.strerror}). "
+                "Point nbagent at a writable folder with --store DIR or NBAGENT_DIR."
+            ) from e
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise StoreError(
+                f"the nbagent store at {self.path} is not writable. "
+                "Point nbagent at a writable folder with --store DIR or NBAGENT_DIR."
+            )
+        try:
+            self._kv = diskcache.Cache(str(self.path), eviction_policy="none", size_limit=2**62)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(
+                f"the nbagent store at {self.path} is damaged or not a store ({e}). "
+                "Move it aside and start again with a fresh --store folder."
+            ) from e
+        self._check_format()
+        self.id: str = self._kv.get("meta/id") or ""
+        if not self.id:
+            self._kv.add("meta/id", uuid.uuid4().hex)
+            self.id = self._kv.get("meta/id")
+        self._key = self._signing_key()
+        self._trace_lock = threading.Lock()
+        self._trace_db: sqlite3.Connection | None = None
+
+    # -- private plumbing ---------------------------------------------------
+
+    def _check_format(self) -> None:
+        found = self._kv.get("meta/format")
+        if found is None:
+            self._kv.add("meta/format", FORMAT_VERSION)
+            found = self._kv.get("meta/format")
+        if not isinstance(found, int) or found > FORMAT_VERSION:
+            raise StoreFormatError(
+                f"the nbagent store at {self.path} has format {found!r}, but this nbagent "
+                f"reads format {FORMAT_VERSION} or older. Upgrade nbagent "
+                "(pip install -U nbagent) or use another --store folder; nothing was changed."
+            )
+
+    def _signing_key(self) -> bytes:
+        folder = _key_dir()
+        path = folder / f"{self.id}.key"
+        with contextlib.suppress(FileNotFoundError):
+            return path.read_bytes()
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = folder / f".{self.id}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+        try:
+            os.link(tmp, path)  # first writer wins; others read its key
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        return path.read_bytes()
+
+    @property
+    def _trace(self) -> sqlite3.Connection:
+        if self._trace_db is None:
+            db = sqlite3.connect(self.path / "trace.sqlite3", timeout=60, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_TRACE_SCHEMA)
+            self._trace_db = db
+        return self._trace_db
+
+    def _get_json(self, key: str) -> Any:
+        raw = self._kv.get(key)
+        return None if raw is None else json.loads(raw)
+
+    def _set_json(self, key: str, value: Any) -> None:
+        self._kv.set(key, json.dumps(value, default=str))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One atomic read-modify-write across processes (SQLite BEGIN IMMEDIATE)."""
+        with self._kv.transact(retry=True):
+            yield
+
+    # -- blobs (signed pickles) ---------------------------------------------
+
+    def sign(self, payload: bytes) -> bytes:
+        return _BLOB_MAGIC + hmac.digest(self._key, payload, "sha256") + payload
+
+    def verify(self, blob: bytes) -> bytes | None:
+        """The payload of a signed blob, or None when it was not signed by this store's key."""
+        head = len(_BLOB_MAGIC) + _SIG_LEN
+        if not isinstance(blob, bytes) or blob[: len(_BLOB_MAGIC)] != _BLOB_MAGIC:
+            return None
+        payload = memoryview(blob)[head:]
+        if not hmac.compare_digest(
+            blob[len(_BLOB_MAGIC) : head], hmac.digest(self._key, payload, "sha256")
+        ):
+            return None
+        return bytes(payload) if len(payload) < 1 << 20 else payload  # type: ignore[return-value]
+
+    def put_blob(self, key: str, payload: bytes) -> None:
+        self._kv.set(f"blob/{key}", self.sign(payload))
+
+    def get_blob(self, key: str) -> bytes | None:
+        """Verified payload; None if missing. Raises StoreError if tampered."""
+        raw = self._kv.get(f"blob/{key}")
+        if raw is None:
+            return None
+        payload = self.verify(raw)
+        if payload is None:
+            raise StoreError(
+                f"the stored value {key!r} in {self.path} is not signed by this store's key "
+                "(it was changed by someone else, or the key under ~/.local/share/nbagent/keys "
+                "is missing). It was not loaded. Re-run the step with --rerun to store it again."
+            )
+        return payload
+
+    def delete_blob(self, key: str) -> None:
+        self._kv.delete(f"blob/{key}")
+
+    # -- runs -----------------------------------------------------------------
+
+    def get_run(self, run: str) -> dict[str, Any] | None:
+        return self._get_json(f"run/{run}")
+
+    def put_run(self, run: str, record: dict[str, Any]) -> None:
+        with self.transaction():
+            self._set_json(f"run/{run}", record)
+            names = self._get_json("runs") or []
+            if run not in names:
+                names.append(run)
+                self._set_json("runs", names)
+
+    def runs(self) -> list[str]:
+        return list(self._get_json("runs") or [])
+
+    def counter(self, run: str, name: str) -> int:
+        return int(self._kv.get(f"ctr/{run}/{name}", 0))
+
+    def incr(self, run: str, name: str, delta: int = 1) -> int:
+        return int(self._kv.incr(f"ctr/{run}/{name}", delta, default=0, retry=True))
+
+    # -- steps ----------------------------------------------------------------
+
+    def get_step(self, run: str, step_id: str) -> dict[str, Any] | None:
+        return self._get_json(f"step/{run}/{step_id}")
+
+    def step_ids(self, run: str) -> list[str]:
+        return list(self._get_json(f"steps/{run}") or [])
+
+    def commit_step(
+        self, run: str, step_id: str, record: dict[str, Any], blobs: dict[str, bytes]
+    ) -> None:
+        """Store a finished step: its value blobs first, then the record that names them.
+
+        A crash between the two leaves orphan blobs but never a record that
+        points at a missing blob.
+        """
+        old = self.get_step(run, step_id) or {}
+        for name, payload in blobs.items():
+            self.put_blob(f"{run}/{step_id}/{name}", payload)
+        with self.transaction():
+            self._set_json(f"step/{run}/{step_id}", record)
+            ids = self._get_json(f"steps/{run}") or []
+            if step_id not in ids:
+                ids.append(step_id)
+                self._set_json(f"steps/{run}", ids)
+        for name in set(old.get("saved", [])) - set(blobs):
+            self.delete_blob(f"{run}/{step_id}/{name}")
+
+    def drop_step(self, run: str, step_id: str) -> bool:
+        record = self.get_step(run, step_id)
+        with self.transaction():
+            self._kv.delete(f"step/{run}/{step_id}")
+            ids = [i for i in self._get_json(f"steps/{run}") or [] if i != step_id]
+            self._set_json(f"steps/{run}", ids)
+        for name in (record or {}).get("saved", []):
+            self.delete_blob(f"{run}/{step_id}/{name}")
+        return record is not None
+
+    # -- step locks -----------------------------------------------------------
+
+    def acquire_lock(self, run: str, step_id: str) -> dict[str, Any] | None:
+        """Take the execution lock of a step; return the dead owner taken over, if any."""
+        key = f"lock/{run}/{step_id}"
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "pstart": _process_start(os.getpid()),
+            "since": time.time(),
+        }
+        with self.transaction():
+            owner = self._get_json(key)
+            mine = (
+                owner is not None
+                and owner.get("pid") == me["pid"]
+                and owner.get("host") == me["host"]
+            )
+            if owner is not None and not mine and _alive(owner):
+                since = time.strftime("%H:%M:%S", time.localtime(owner.get("since", 0)))
+                raise StepLockedError(
+                    f"step {step_id!r} of run {run!r} is being executed by process "
+                    f"{owner.get('pid')} on {owner.get('host')} (since {since}). Wait for it to "
+                    "finish, or stop that kernel; a lock held by a dead process is taken over."
+                )
+            self._set_json(key, me)
+        return None if owner is None or mine else owner
+
+    def release_lock(self, run: str, step_id: str) -> None:
+        self._kv.delete(f"lock/{run}/{step_id}", retry=True)
+
+    # -- key-value records for the LLM ledger and side effects ---------------
+
+    def get_record(self, kind: str, key: str) -> Any:
+        return self._get_json(f"{kind}/{key}")
+
+    def add_record(self, kind: str, key: str, value: Any) -> bool:
+        """Store a record unless one exists; True when this call stored it."""
+        return bool(self._kv.add(f"{kind}/{key}", json.dumps(value, default=str), retry=True))
+
+    def set_record(self, kind: str, key: str, value: Any) -> None:
+        self._set_json(f"{kind}/{key}", value)
+
+    def delete_record(self, kind: str, key: str) -> None:
+        self._kv.delete(f"{kind}/{key}", retry=True)
+
+    # -- trace ----------------------------------------------------------------
+
+    def add_trace(self, row: dict[str, Any]) -> None:
+        """Append one trace row (unknown keys go to the JSON ``detail`` column)."""
+        values = [row.get(c) for c in TRACE_COLUMNS]
+        extra = {k: v for k, v in row.items() if k not in TRACE_COLUMNS}
+        if extra:
+            detail = row.get("detail") or {}
+            values[-1] = {**(detail if isinstance(detail, dict) else {"detail": detail}), **extra}
+        for i, c in enumerate(TRACE_COLUMNS):
+            if (
+                c in ("request", "response", "detail")
+                and values[i] is not None
+                and not isinstance(values[i], str)
+            ):
+                values[i] = json.dumps(values[i], default=str)
+        if values[0] is None:
+            values[0] = time.time()
+        with self._trace_lock:
+            db = self._trace
+            db.execute(
+                f"INSERT INTO trace ({', '.join(TRACE_COLUMNS)}) VALUES ({', '.join('?' * len(TRACE_COLUMNS))})",
+                values,
+            )
+            db.commit()
+
+    def trace_rows(
+        self, run: str | None = None, since_seq: int = 0
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Columns (with ``seq`` first) and rows of the trace, oldest first."""
+        sql = f"SELECT seq, {', '.join(TRACE_COLUMNS)} FROM trace WHERE seq > ?"
+        args: list[Any] = [since_seq]
+        if run is not None:
+            sql += " AND run = ?"
+            args.append(run)
+        with self._trace_lock:
+            rows = self._trace.execute(sql + " ORDER BY seq", args).fetchall()
+        return ["seq", *TRACE_COLUMNS], rows
+
+    def delete_trace(self, run: str) -> None:
+        with self._trace_lock:
+            self._trace.execute("DELETE FROM trace WHERE run = ?", (run,))
+            self._trace.commit()
+
+    def close(self) -> None:
+        self._kv.close()
+        if self._trace_db is not None:
+            self._trace_db.close()
+            self._trace_db = None
+
+
+_open_stores: dict[Path, Store] = {}
+_open_lock = threading.Lock()
+
+
+def open_store(directory: str | os.PathLike[str] | None = None) -> Store:
+    """The (shared, per-process) Store for a directory; default :func:`default_store_dir`."""
+    path = Path(directory if directory is not None else default_store_dir()).expanduser().resolve()
+    with _open_lock:
+        store = _open_stores.get(path)
+        if store is None:
+            store = _open_stores[path] = Store(path)
+        return store
