@@ -269,7 +269,7 @@ class Run:
         wanted = {"usd": max_cost_usd, "steps": max_steps, "llm_calls": max_llm_calls}
         changes = {k: v for k, v in wanted.items() if v is not None and v != record["caps"].get(k)}
         if changes:
-            self.set_cap(**changes, reason="opened with new caps")
+            self.set_cap(**changes, reason="opened with new caps")  # type: ignore[arg-type]
         if activate:
             self.activate()
 
@@ -407,7 +407,7 @@ class Run:
         ``max_cost_usd``, and with StepCapExceeded when ``max_llm_calls`` is
         used up. Returns the reservation (nano-dollars) to pass to :meth:`settle`.
         """
-        from ._errors import CostCapExceeded
+        from ._errors import CapExceeded, CostCapExceeded
 
         self.check_not_stopped()
         worst = max(0, math.ceil(worst_usd * NANO))
@@ -417,7 +417,7 @@ class Run:
             spent = store.counter(self.name, "spend_nusd")
             reserved = store.counter(self.name, "reserved_nusd")
             calls = store.counter(self.name, "llm_calls")
-            refusal = None
+            refusal: CapExceeded | None = None
             if caps.get("llm_calls") is not None and calls + 1 > caps["llm_calls"]:
                 refusal = StepCapExceeded(
                     f"LLM call cap reached: run {self.name!r} made {calls} of its "
@@ -874,7 +874,9 @@ class Execution:
         out = _Tee(sys.stdout)
         try:
             with contextlib.redirect_stdout(out):  # type: ignore[type-var]
-                for attempt_cm in step_attempts(self, retries=retries, timeout=timeout, policy=policy):
+                for attempt_cm in step_attempts(
+                    self, retries=retries, timeout=timeout, policy=policy
+                ):
                     with attempt_cm:
                         result = fn(*args, **kwargs)
         except BaseException as e:

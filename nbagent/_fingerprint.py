@@ -143,7 +143,7 @@ class _Hasher:
             import numpy as np
 
             self.tag(f"ndarray:{obj.dtype.str}:{obj.shape};")
-            h.update(memoryview(np.ascontiguousarray(obj)).cast("B"))
+            h.update(np.ascontiguousarray(obj).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         else:
             self.pickled(obj)
 
@@ -218,6 +218,10 @@ class Unrestored:
     """
 
     __slots__ = ("_name", "_step", "_reason", "_token")
+    _name: str
+    _step: str
+    _reason: str
+    _token: str
 
     def __init__(self, name: str, step: str, reason: str, token: str) -> None:
         object.__setattr__(self, "_name", name)

@@ -502,10 +502,10 @@ class NbagentExtension:
         )
         unsaved.pop("(result)", None)
         if unsaved:
-            names = ", ".join(f"{n} ({v['reason']})" for n, v in sorted(unsaved.items()))
+            listed = ", ".join(f"{n} ({v['reason']})" for n, v in sorted(unsaved.items()))
             print(
                 f"⚠ nbagent: step {ex.name!r} completed, but these values cannot be stored and will be "
-                f"missing after a restart: {names}. Make them in a setup cell outside the step, or use "
+                f"missing after a restart: {listed}. Make them in a setup cell outside the step, or use "
                 "--exclude; --strict makes this an error.",
                 file=sys.stderr,
             )
@@ -551,6 +551,7 @@ class NbagentMagics(Magics):
     @cell_magic
     def step(self, line: str, cell: str) -> Any:
         """Make this cell a durable step. See `%%step --help`."""
+        assert self.shell is not None
         return self.shell.run_cell(f"{HEADER} {line}\n{cell}")
 
     # -- subcommands -----------------------------------------------------------------
