@@ -29,6 +29,7 @@ from ._engine import (
     format_usd,
     idempotency_key,
 )
+from ._effects import effect, once
 from ._errors import (
     CapExceeded,
     CircuitOpenError,
@@ -70,8 +71,10 @@ __all__ = [
     "UnsavedValueWarning",
     "current_run",
     "current_step",
+    "effect",
     "format_usd",
     "idempotency_key",
     "load_ipython_extension",
+    "once",
     "unload_ipython_extension",
 ]
