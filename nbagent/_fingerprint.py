@@ -163,8 +163,8 @@ class _Hasher:
         for const in code.co_consts:
             if isinstance(const, types.CodeType):
                 self.code(const)
-            else:
-                self.tag(repr(const))
+            else:  # structurally: repr() of a frozenset constant depends on the hash seed
+                self.feed(const, 1)
 
     def pickled(self, obj: Any) -> None:
         buffers: list[pickle.PickleBuffer] = []

@@ -53,6 +53,23 @@ NANO = 1_000_000_000
 _BLOB_MAGIC = b"NBA1"
 _SIG_LEN = 32
 
+
+class _NoPickleDisk(diskcache.Disk):
+    """diskcache's Disk that refuses to unpickle: nbagent only stores str, int and bytes.
+
+    diskcache unpickles any value it stored in pickle mode, before nbagent could
+    check a signature; an entry planted that way must never run code on read.
+    """
+
+    def fetch(self, mode: int, filename: Any, value: Any, read: bool) -> Any:
+        if mode == diskcache.core.MODE_PICKLE:
+            raise StoreError(
+                f"an entry in the nbagent store at {self._directory} is a pickle that nbagent "
+                "did not write (it was changed by someone else). It was not loaded. Move the "
+                "store aside and start again with a fresh --store folder."
+            )
+        return super().fetch(mode, filename, value, read)
+
 TRACE_COLUMNS: tuple[str, ...] = (
     "ts",
     "run",
@@ -153,7 +170,9 @@ class Store:
                 "Point nbagent at a writable folder with --store DIR or NBAGENT_DIR."
             )
         try:
-            self._kv = diskcache.Cache(str(self.path), eviction_policy="none", size_limit=2**62)
+            self._kv = diskcache.Cache(
+                str(self.path), eviction_policy="none", size_limit=2**62, disk=_NoPickleDisk
+            )
         except sqlite3.DatabaseError as e:
             raise StoreError(
                 f"the nbagent store at {self.path} is damaged or not a store ({e}). "

@@ -1,0 +1,387 @@
+"""The on-disk store: format version, permissions, signed blobs, step locks, counters, trace."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import diskcache
+import pytest
+
+import nbagent
+from nbagent._errors import StepLockedError, StoreError, StoreFormatError
+from nbagent._store import FORMAT_VERSION, TRACE_COLUMNS, Store, open_store
+
+
+def _kv_snapshot(path: Path) -> dict[str, object]:
+    with diskcache.Cache(str(path)) as c:
+        return {k: c.get(k) for k in c.iterkeys()}
+
+
+# -- format -------------------------------------------------------------------------
+
+
+def test_new_store_records_the_format_version(tmp_path: Path) -> None:
+    Store(tmp_path / "s").close()
+    assert _kv_snapshot(tmp_path / "s")["meta/format"] == FORMAT_VERSION
+
+
+def test_store_of_a_newer_format_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    with diskcache.Cache(str(path)) as c:
+        c.set("meta/format", FORMAT_VERSION + 1)
+        c.set("run/r", '{"name": "r"}')
+    before = _kv_snapshot(path)
+    with pytest.raises(StoreFormatError) as err:
+        Store(path)
+    message = str(err.value)
+    assert str(FORMAT_VERSION + 1) in message
+    assert "pip install -U nbagent" in message and "--store" in message
+    assert "nothing was changed" in message
+    assert _kv_snapshot(path) == before
+    assert not (tmp_path / "keys").exists()  # no signing key was made for it either
+
+
+def test_store_format_error_is_a_store_error() -> None:
+    assert issubclass(StoreFormatError, StoreError)
+
+
+# -- the directory ------------------------------------------------------------------
+
+
+def test_store_directory_is_private_to_the_user(tmp_path: Path) -> None:
+    store = Store(tmp_path / "deep" / "s")
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o700
+
+
+def test_unwritable_store_directory_names_the_fix(tmp_path: Path) -> None:
+    if os.geteuid() == 0:  # chmod does not stop root: use a path under a regular file
+        blocker = tmp_path / "file"
+        blocker.write_text("not a folder")
+        target = blocker / "sub"
+    else:
+        parent = tmp_path / "ro"
+        parent.mkdir()
+        parent.chmod(0o500)
+        target = parent / "sub"
+    try:
+        with pytest.raises(StoreError) as err:
+            Store(target)
+    finally:
+        if os.geteuid() != 0:
+            (tmp_path / "ro").chmod(0o700)
+    assert "--store" in str(err.value) and "NBAGENT_DIR" in str(err.value)
+    assert str(target) in str(err.value)
+
+
+def test_existing_read_only_store_directory_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root can write a 0500 folder")
+    target = tmp_path / "s"
+    target.mkdir()
+    target.chmod(0o500)
+    try:
+        with pytest.raises(StoreError, match="NBAGENT_DIR"):
+            Store(target)
+    finally:
+        target.chmod(0o700)
+
+
+def test_damaged_store_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    path.mkdir()
+    (path / "cache.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="damaged or not a store"):
+        Store(path)
+
+
+def test_open_store_defaults_to_nbagent_dir(isolated_nbagent: Path) -> None:
+    store = open_store()
+    assert store.path == isolated_nbagent.resolve()
+    assert open_store() is store
+
+
+# -- signed blobs ---------------------------------------------------------------------
+
+
+class _Bomb:
+    """Creates a file when unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.touch, (self.path,))
+
+
+def test_blobs_round_trip_and_are_signed(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    store.put_blob("r/a#1/x", b"payload")
+    assert store.get_blob("r/a#1/x") == b"payload"
+    assert store.get_blob("r/a#1/missing") is None
+    raw = store._kv.get("blob/r/a#1/x")
+    assert raw != b"payload" and raw.endswith(b"payload")  # magic + HMAC in front
+
+
+def test_large_blob_round_trips(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    big = os.urandom(3 << 20)
+    store.put_blob("r/a#1/big", big)
+    assert bytes(store.get_blob("r/a#1/big")) == big
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        pytest.param(lambda payload, store: payload, id="raw-pickle"),
+        pytest.param(lambda payload, store: b"NBA1" + b"\0" * 32 + payload, id="forged-signature"),
+        pytest.param(
+            lambda payload, store: store.sign(b"harmless")[:-8] + payload, id="spliced-payload"
+        ),
+    ],
+)
+def test_tampered_blob_is_never_unpickled(tmp_path: Path, forge) -> None:  # type: ignore[no-untyped-def]
+    store = Store(tmp_path / "s")
+    boom = tmp_path / "boom"
+    store._kv.set("blob/r/a#1/x", forge(pickle.dumps(_Bomb(boom)), store))
+    with pytest.raises(StoreError, match="not signed"):
+        store.get_blob("r/a#1/x")
+    assert not boom.exists()
+
+
+def test_pickled_cache_entry_under_a_blob_key_is_never_unpickled(tmp_path: Path) -> None:
+    """diskcache itself unpickles values it stored as pickles: a planted one must not run."""
+    path = tmp_path / "s"
+    Store(path).close()
+    boom = tmp_path / "boom"
+    with diskcache.Cache(str(path)) as other:  # someone else writing into the store
+        other.set("blob/r/a#1/x", _Bomb(boom))
+    store = Store(path)
+    with pytest.raises(StoreError):
+        store.get_blob("r/a#1/x")
+    assert not boom.exists()
+
+
+def test_tampered_blob_fails_a_replay_without_running_it(tmp_path: Path) -> None:
+    run = nbagent.Run("r", store=tmp_path / "s")
+
+    @run.step("make")
+    def make() -> list[int]:
+        return [1, 2, 3]
+
+    assert make() == [1, 2, 3]
+    boom = tmp_path / "boom"
+    run.store._kv.set("blob/r/make#1/(return)", pickle.dumps(_Bomb(boom)))
+    again = nbagent.Run("r", store=tmp_path / "s")
+    make2 = again.step("make")(make.__wrapped__)
+    with pytest.raises(StoreError, match="--rerun"):
+        make2()
+    assert not boom.exists()
+
+
+def test_signing_key_lives_outside_the_store(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    keys = list((tmp_path / "keys").iterdir())
+    assert [k.name for k in keys] == [f"{store.id}.key"]
+    assert stat.S_IMODE(keys[0].stat().st_mode) == 0o600
+    key = keys[0].read_bytes()
+    assert len(key) == 32
+    for f in store.path.rglob("*"):
+        if f.is_file():
+            assert key not in f.read_bytes(), f
+
+
+def test_store_copied_without_its_key_does_not_load_blobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path / "s")
+    store.put_blob("r/a#1/x", pickle.dumps([1]))
+    store.close()
+    monkeypatch.setenv("NBAGENT_KEY_DIR", str(tmp_path / "other-keys"))
+    with pytest.raises(StoreError, match="not signed"):
+        Store(tmp_path / "s").get_blob("r/a#1/x")
+
+
+def test_two_store_objects_share_one_key(tmp_path: Path) -> None:
+    a = Store(tmp_path / "s")
+    a.put_blob("r/a#1/x", b"v")
+    assert Store(tmp_path / "s").get_blob("r/a#1/x") == b"v"
+
+
+# -- steps -------------------------------------------------------------------------------
+
+
+def test_commit_and_drop_step(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    store.commit_step("r", "a#1", {"saved": ["x", "y"]}, {"x": b"1", "y": b"2"})
+    assert store.step_ids("r") == ["a#1"]
+    assert store.get_step("r", "a#1") == {"saved": ["x", "y"]}
+    # a re-commit that no longer saves y deletes its blob
+    store.commit_step("r", "a#1", {"saved": ["x"]}, {"x": b"3"})
+    assert store.step_ids("r") == ["a#1"]
+    assert store.get_blob("r/a#1/x") == b"3"
+    assert store.get_blob("r/a#1/y") is None
+    assert store.drop_step("r", "a#1") is True
+    assert store.get_step("r", "a#1") is None and store.step_ids("r") == []
+    assert store.get_blob("r/a#1/x") is None
+    assert store.drop_step("r", "a#1") is False
+
+
+def test_runs_are_listed_once(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    store.put_run("a", {"name": "a"})
+    store.put_run("b", {"name": "b"})
+    store.put_run("a", {"name": "a", "x": 1})
+    assert store.runs() == ["a", "b"]
+    assert store.get_run("a") == {"name": "a", "x": 1}
+
+
+# -- step locks ---------------------------------------------------------------------------
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from nbagent._store import Store
+    store = Store(sys.argv[1])
+    store.acquire_lock("r", "a#1")
+    print("locked", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def _lock_holder(path: Path) -> subprocess.Popen[str]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "locked"
+    return child
+
+
+def test_step_lock_of_a_live_process_blocks_and_of_a_dead_one_is_taken_over(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s"
+    store = Store(path)
+    child = _lock_holder(path)
+    try:
+        with pytest.raises(StepLockedError) as err:
+            store.acquire_lock("r", "a#1")
+        assert str(child.pid) in str(err.value) and "'a#1'" in str(err.value)
+        assert store.acquire_lock("r", "b#1") is None  # other steps are free
+    finally:
+        child.kill()
+        child.wait()
+    owner = store.acquire_lock("r", "a#1")
+    assert owner is not None and owner["pid"] == child.pid
+    assert store.acquire_lock("r", "a#1") is None  # re-entrant for its owner
+    store.release_lock("r", "a#1")
+    assert store.acquire_lock("r", "a#1") is None
+
+
+def test_run_begin_refuses_a_step_another_process_executes(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    child = _lock_holder(path)
+    try:
+        run = nbagent.Run("r", store=path)
+        with pytest.raises(StepLockedError):
+            run.begin("a", 1, "h", {})
+        assert run.steps_executed == 0
+    finally:
+        child.kill()
+        child.wait()
+    ex = run.begin("a", 1, "h", {})
+    assert not ex.replay
+    ex.abort(None)
+
+
+def test_lock_of_a_reused_pid_is_taken_over(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    # the parent process is alive, but it is not the process that took the lock
+    stale = {"pid": os.getppid(), "host": socket.gethostname(), "pstart": "1", "since": 0}
+    store._set_json("lock/r/a#1", stale)
+    assert store.acquire_lock("r", "a#1") == stale
+
+
+def test_lock_of_another_host_is_respected(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    store._set_json("lock/r/a#1", {"pid": 1, "host": "elsewhere", "since": time.time()})
+    with pytest.raises(StepLockedError, match="elsewhere"):
+        store.acquire_lock("r", "a#1")
+
+
+# -- counters ------------------------------------------------------------------------------
+
+
+def test_counters(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    assert store.counter("r", "steps") == 0
+    assert store.incr("r", "steps") == 1
+    assert store.incr("r", "steps", 5) == 6
+    assert store.incr("r", "steps", -2) == 4
+    assert store.counter("r", "steps") == 4
+    assert store.counter("other", "steps") == 0
+    assert Store(tmp_path / "s").counter("r", "steps") == 4
+
+
+def test_counters_are_atomic_across_processes(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    Store(path).close()
+    code = (
+        "import sys\nfrom nbagent._store import Store\ns = Store(sys.argv[1])\n"
+        "for _ in range(100): s.incr('r', 'n')\n"
+    )
+    children = [subprocess.Popen([sys.executable, "-c", code, str(path)]) for _ in range(3)]
+    assert [c.wait() for c in children] == [0, 0, 0]
+    assert Store(path).counter("r", "n") == 300
+
+
+# -- trace -----------------------------------------------------------------------------------
+
+
+def test_trace_rows_round_trip(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    store.add_trace(
+        {
+            "ts": 1.5,
+            "run": "r",
+            "step": "a#1",
+            "kind": "llm",
+            "name": "chat",
+            "input_tokens": 10,
+            "cost_usd": 0.25,
+            "request": {"model": "m"},
+            "detail": {"a": 1},
+            "extra_field": "kept",
+        }
+    )
+    store.add_trace({"run": "other", "kind": "step"})
+    store.add_trace({"run": "r", "kind": "step", "status": "done"})
+    cols, rows = store.trace_rows("r")
+    assert cols == ["seq", *TRACE_COLUMNS]
+    assert len(rows) == 2
+    first = dict(zip(cols, rows[0], strict=True))
+    assert first["ts"] == 1.5 and first["step"] == "a#1" and first["input_tokens"] == 10
+    assert first["cost_usd"] == 0.25
+    assert first["request"] == '{"model": "m"}'
+    import json
+
+    assert json.loads(first["detail"]) == {"a": 1, "extra_field": "kept"}
+    second = dict(zip(cols, rows[1], strict=True))
+    assert second["ts"] > 1e9  # filled in
+    assert second["status"] == "done"
+    _, later = store.trace_rows("r", since_seq=first["seq"])
+    assert [r[0] for r in later] == [second["seq"]]
+    assert len(store.trace_rows()[1]) == 3
+    # another Store object (another process) reads the same rows
+    assert Store(tmp_path / "s").trace_rows("r")[1] == rows
+    store.delete_trace("r")
+    assert store.trace_rows("r")[1] == [] and len(store.trace_rows()[1]) == 1
