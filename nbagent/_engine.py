@@ -648,28 +648,23 @@ class Run:
                 self, name, occurrence, source_hash, inputs, record=record, cell_id=cell_id
             )
 
-        self.check_not_stopped()
-        taken_over = self.store.acquire_lock(self.name, step_id)
-        try:
-            n = self.store.incr(self.name, "steps")
-            cap = self.max_steps
-            if cap is not None and n > cap:
-                self.store.incr(self.name, "steps", -1)
-                message = (
-                    f"step cap reached: run {self.name!r} already executed {n - 1} of its "
-                    f"max_steps={cap} steps — possible loop. Step {step_id!r} was not run. "
-                    "Raise the cap on purpose with `%nbagent cap --steps N` or run.set_cap(steps=N)."
-                )
-                self.record_event(
-                    kind="cap", name="max_steps", step=step_id, status="refused", error=message
-                )
-                self._emit(
-                    {"type": "cap_refused", "cap": "steps", "step": step_id, "message": message}
-                )
-                raise StepCapExceeded(message)
-        except BaseException:
-            self.store.release_lock(self.name, step_id)
-            raise
+        taken_over, n, run_record = self.store.begin_step(self.name, step_id)
+        stop = run_record.get("stopped")
+        cap = (run_record.get("caps") or {}).get("steps")
+        if stop or (cap is not None and n > cap):
+            self.store.undo_begin(self.name, step_id)
+            if stop:
+                self.check_not_stopped()
+            message = (
+                f"step cap reached: run {self.name!r} already executed {n - 1} of its "
+                f"max_steps={cap} steps — possible loop. Step {step_id!r} was not run. "
+                "Raise the cap on purpose with `%nbagent cap --steps N` or run.set_cap(steps=N)."
+            )
+            self.record_event(
+                kind="cap", name="max_steps", step=step_id, status="refused", error=message
+            )
+            self._emit({"type": "cap_refused", "cap": "steps", "step": step_id, "message": message})
+            raise StepCapExceeded(message)
         ex = Execution(self, name, occurrence, source_hash, inputs, reason=reason, cell_id=cell_id)
         if taken_over:
             self.record_event(
@@ -938,8 +933,9 @@ class Execution:
         }
         try:
             self.run.store.commit_step(self.run.name, self.step_id, record, blobs)
-        finally:
+        except BaseException:
             self.run.store.release_lock(self.run.name, self.step_id)
+            raise
         self.finished = True
         self.record = record
         self.run.record_event(
@@ -989,21 +985,23 @@ class Execution:
 
 
 class _Attempt:
-    """Context manager for one attempt: runs it with the step visible, keeps its error."""
+    """One attempt of a step body: the step is visible to the code inside, under its timeout.
 
-    def __init__(self, ex: Execution, number: int, timeout: float | None) -> None:
-        self.ex, self.number, self.timeout = ex, number, timeout
-        self.error: BaseException | None = None
+    Wraps the retry driver's attempt, which records the attempt's error.
+    """
+
+    def __init__(self, ex: Execution, retry_attempt: Any, timeout: float | None) -> None:
+        self.ex, self.retry_attempt, self.timeout = ex, retry_attempt, timeout
         self._cm: Any = None
 
     def __enter__(self) -> StepContext:
-        self._cm = self.ex.attempt(self.number, self.timeout)
-        return self._cm.__enter__()
+        self.retry_attempt.__enter__()
+        self._cm = self.ex.attempt(self.retry_attempt.number, self.timeout)
+        return self._cm.__enter__()  # type: ignore[no-any-return]
 
     def __exit__(self, et: Any, ev: BaseException | None, tb: Any) -> bool:
         self._cm.__exit__(et, ev, tb)
-        self.error = ev
-        return ev is not None and not isinstance(ev, KeyboardInterrupt | SystemExit | GeneratorExit)
+        return bool(self.retry_attempt.__exit__(et, ev, tb))
 
 
 def step_attempts(
@@ -1011,43 +1009,40 @@ def step_attempts(
 ) -> Iterator[_Attempt]:
     """Attempts of a step body: ``for a in step_attempts(ex, retries=2): with a: body``.
 
-    A failed attempt is retried (after the policy's backoff) while the policy
-    allows it; the last error is re-raised with its own type.
+    A failed attempt is retried after the policy's backoff while the policy
+    allows it (``nbagent._retry.step_policy``: the lesson's table applied to
+    the exception the body raised); the last error is re-raised with its own type.
     """
-    from ._retry import step_policy
+    from ._retry import Retrier, step_policy
 
-    retrier = step_policy(retries, timeout) if policy is None else policy
-    number = 0
-    while True:
-        number += 1
-        attempt = _Attempt(ex, number, timeout)
-        yield attempt
-        error = attempt.error
-        if error is None:
+    run = ex.run
+
+    def on_attempt(info: Any) -> None:
+        if info.outcome == "ok":
             return
-        decision = retrier.decide(error, number)
-        ex.run.record_event(
-            kind="step",
-            name=ex.name,
-            step=ex.step_id,
-            attempt=number,
-            status="retrying" if decision.retry else "failed",
-            error=f"{type(error).__name__}: {error}",
-            wait_s=decision.wait_s if decision.retry else None,
-        )
-        if not decision.retry:
-            raise error
-        ex.run._emit(
-            {
-                "type": "step_retrying",
-                "step": ex.step_id,
-                "name": ex.name,
-                "attempt": number,
-                "wait_s": decision.wait_s,
-                "error": error,
-            }
-        )
-        retrier.sleep(decision.wait_s)
+        error = info.exception
+        run.record_event(
+            kind="step", name=ex.name, step=ex.step_id, attempt=info.attempt,
+            status="retrying" if info.will_retry else "failed",
+            error=f"{type(error).__name__}: {error}", wait_s=info.wait_s,
+        )  # fmt: skip
+        if info.alert:
+            run.alert(
+                info.alert, f"step {ex.name!r}: {type(error).__name__}: {error}", step=ex.step_id
+            )
+        if info.stop_run:
+            run.stop(info.stop_run)
+        if info.will_retry:
+            run._emit({
+                "type": "step_retrying", "step": ex.step_id, "name": ex.name,
+                "attempt": info.attempt, "wait_s": info.wait_s, "error": error,
+            })  # fmt: skip
+
+    retrier = Retrier(
+        policy if policy is not None else step_policy(retries, timeout), on_attempt=on_attempt
+    )
+    for retry_attempt in retrier.attempts():
+        yield _Attempt(ex, retry_attempt, timeout)
 
 
 class UnsavedValueWarning(UserWarning):

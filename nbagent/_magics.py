@@ -100,6 +100,21 @@ def step_parser() -> _Parser:
     return p
 
 
+_step_parser: _Parser | None = None
+
+
+def parse_step_args(argv: list[str]) -> argparse.Namespace:
+    """Parse ``%%step`` options; a bare NAME (the common case) skips argparse."""
+    global _step_parser
+    if len(argv) == 1 and not argv[0].startswith("-"):
+        return argparse.Namespace(
+            name=argv[0], retries=0, timeout=None, rerun=False, save=None, exclude=[], strict=False
+        )
+    if _step_parser is None:
+        _step_parser = step_parser()
+    return _step_parser.parse_args(argv)
+
+
 def nbagent_parser() -> _Parser:
     p = _Parser(prog="%nbagent", description="Open, inspect and control nbagent runs.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -273,12 +288,16 @@ class NbagentExtension:
             argv = shlex.split(header)
         except ValueError as e:
             raise StepError(f"%%step: cannot read the options {header!r} ({e})") from None
-        args = step_parser().parse_args(argv)
-        transformed = self.shell.transform_cell(body)
-        try:
-            tree = ast.parse(transformed)
+        args = parse_step_args(argv)
+        try:  # most bodies are plain Python: skip IPython's (slower) transform
+            transformed = body
+            tree = ast.parse(body)
         except SyntaxError:
-            return  # IPython reports the syntax error itself; nothing is begun
+            transformed = self.shell.transform_cell(body)
+            try:
+                tree = ast.parse(transformed)
+            except SyntaxError:
+                return  # IPython reports the syntax error itself; nothing is begun
         run = self.current()
         name = args.name
         key = (run.name, name)
@@ -303,7 +322,7 @@ class NbagentExtension:
         if ex.reason:
             print(f"▶ step {name!r} runs again: {ex.reason}")
         pending.candidates = candidates
-        pending.before = {k: id(v) for k, v in ns.items() if fp.is_user_name(k)}
+        pending.before = {k: id(v) for k, v in ns.items()}
         self._capture(pending)
         if args.retries or args.timeout:
             self._replace_body(lambda body: self._wrap_attempts(body))

@@ -70,6 +70,7 @@ class _NoPickleDisk(diskcache.Disk):
             )
         return super().fetch(mode, filename, value, read)
 
+
 TRACE_COLUMNS: tuple[str, ...] = (
     "ts",
     "run",
@@ -147,6 +148,20 @@ def _alive(owner: dict[str, Any]) -> bool:
         return True
     started = owner.get("pstart")
     return started is None or started == _process_start(pid)
+
+
+_ME: dict[str, Any] = {}
+
+
+def _me() -> dict[str, Any]:
+    """This process as a lock owner (cached; recomputed after a fork)."""
+    if _ME.get("pid") != os.getpid():
+        _ME.update(pid=os.getpid(), host=socket.gethostname(), pstart=_process_start(os.getpid()))
+    return dict(_ME)
+
+
+#: Value blobs up to this size are written inside the commit transaction.
+_INLINE_BLOB = 1 << 20
 
 
 class Store:
@@ -312,20 +327,30 @@ class Store:
     def commit_step(
         self, run: str, step_id: str, record: dict[str, Any], blobs: dict[str, bytes]
     ) -> None:
-        """Store a finished step: its value blobs first, then the record that names them.
+        """Store a finished step and release its lock, in one transaction.
 
-        A crash between the two leaves orphan blobs but never a record that
-        points at a missing blob.
+        Large value blobs are written first, outside the transaction (so other
+        processes are not blocked while a big file is written); a crash before
+        the transaction leaves orphan blobs but never a record that points at a
+        missing blob.
         """
-        old = self.get_step(run, step_id) or {}
+        small = {}
         for name, payload in blobs.items():
-            self.put_blob(f"{run}/{step_id}/{name}", payload)
+            if len(payload) > _INLINE_BLOB:
+                self.put_blob(f"{run}/{step_id}/{name}", payload)
+            else:
+                small[name] = payload
         with self.transaction():
+            old = self.get_step(run, step_id) or {}
+            for name, payload in small.items():
+                self.put_blob(f"{run}/{step_id}/{name}", payload)
             self._set_json(f"step/{run}/{step_id}", record)
-            ids = self._get_json(f"steps/{run}") or []
-            if step_id not in ids:
-                ids.append(step_id)
-                self._set_json(f"steps/{run}", ids)
+            if not old:
+                ids = self._get_json(f"steps/{run}") or []
+                if step_id not in ids:
+                    ids.append(step_id)
+                    self._set_json(f"steps/{run}", ids)
+            self._kv.delete(f"lock/{run}/{step_id}")
         for name in set(old.get("saved", [])) - set(blobs):
             self.delete_blob(f"{run}/{step_id}/{name}")
 
@@ -341,15 +366,30 @@ class Store:
 
     # -- step locks -----------------------------------------------------------
 
+    def begin_step(
+        self, run: str, step_id: str
+    ) -> tuple[dict[str, Any] | None, int, dict[str, Any]]:
+        """Lock a step and count its execution, in one transaction.
+
+        Returns (dead owner taken over or None, the run's new step count, the
+        run record) so the caller can check the stop switch and the step cap
+        (and undo with :meth:`undo_begin` when it refuses).
+        """
+        with self.transaction():
+            record = self.get_run(run) or {}
+            owner = self.acquire_lock(run, step_id)
+            count = self.incr(run, "steps")
+        return owner, count, record
+
+    def undo_begin(self, run: str, step_id: str) -> None:
+        with self.transaction():
+            self.incr(run, "steps", -1)
+            self.release_lock(run, step_id)
+
     def acquire_lock(self, run: str, step_id: str) -> dict[str, Any] | None:
         """Take the execution lock of a step; return the dead owner taken over, if any."""
         key = f"lock/{run}/{step_id}"
-        me = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "pstart": _process_start(os.getpid()),
-            "since": time.time(),
-        }
+        me = {**_me(), "since": time.time()}
         with self.transaction():
             owner = self._get_json(key)
             mine = (
