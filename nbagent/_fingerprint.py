@@ -144,6 +144,12 @@ class _Hasher:
 
             self.tag(f"ndarray:{obj.dtype.str}:{obj.shape};")
             h.update(np.ascontiguousarray(obj).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+        elif (
+            t.__reduce_ex__ is object.__reduce_ex__
+            and t.__reduce__ is object.__reduce__
+            and self.reduced(obj)
+        ):
+            pass  # a plain instance: its state walked like a dict (sets inside sorted)
         else:
             self.pickled(obj)
 
@@ -171,6 +177,8 @@ class _Hasher:
         try:
             data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
         except Exception:
+            if self.reduced(obj):
+                return
             try:
                 import cloudpickle
 
@@ -188,6 +196,36 @@ class _Hasher:
             raw = buf.raw()
             self.tag(f"B{raw.nbytes}:")
             self.h.update(raw)
+
+    def reduced(self, obj: Any) -> bool:
+        """Hash what pickle cannot store by reference from its ``__reduce_ex__`` parts.
+
+        An instance of a class defined in the notebook (a dataclass, say) is not
+        importable; cloudpickle would embed the class with a per-process id, so
+        the hash would change at every restart. Walk the parts instead (the
+        class by name, its state structurally). False when there are no parts.
+        """
+        if id(obj) in self.active:
+            self.tag("cycle;")
+            return True
+        if len(self.active) > _MAX_DEPTH:
+            return False
+        try:
+            rv = obj.__reduce_ex__(5)
+        except Exception:
+            return False
+        if not isinstance(rv, tuple) or len(rv) < 2:
+            return False
+        self.active.add(id(obj))
+        try:
+            self.tag(f"R:{type(obj).__module__}.{type(obj).__qualname__}:{len(rv)};")
+            for i, part in enumerate(rv[:5]):
+                if i >= 3 and part is not None:  # list items / dict items iterators
+                    part = list(part)
+                self.feed(part, len(self.active))
+        finally:
+            self.active.discard(id(obj))
+        return True
 
 
 def hash_value(obj: Any) -> str:

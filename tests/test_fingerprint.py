@@ -251,3 +251,44 @@ def test_reachable_names_follow_a_function_that_mutates_a_global() -> None:
     # a bound method of a notebook-defined class
     ns["put"] = ns["box"].put  # type: ignore[attr-defined]
     assert "findings" in reachable_names({"put"}, ns)
+
+
+_NOTEBOOK_CLASSES = (
+    "from dataclasses import dataclass, field\n"
+    "@dataclass\n"
+    "class Finding:\n"
+    "    title: str\n"
+    "    tags: set = field(default_factory=set)\n"
+    "class Box:\n"
+    "    pass\n"
+    "box = Box()\n"
+    "box.items = [Finding('a', {'x', 'y', 'z'})]\n"
+    "box.me = box\n"
+)
+
+
+def test_instances_of_notebook_classes_hash_the_same_after_a_restart() -> None:
+    """A class defined in the notebook is re-created by every kernel: same content, same hash."""
+    ns: dict[str, object] = {"__name__": "__main__"}
+    exec(compile(_NOTEBOOK_CLASSES, "<cell>", "exec"), ns)
+    digest = hash_value(ns["box"])
+    assert not is_opaque(digest)
+    again: dict[str, object] = {"__name__": "__main__"}
+    exec(compile(_NOTEBOOK_CLASSES, "<cell>", "exec"), again)  # the class is a new object
+    assert hash_value(again["box"]) == digest
+    assert _hash_in_subprocess("box", "5", _NOTEBOOK_CLASSES) == digest
+    again["box"].items[0].title = "b"  # type: ignore[attr-defined]
+    assert hash_value(again["box"]) != digest
+
+
+def test_notebook_object_holding_a_lock_hashes_its_other_state() -> None:
+    ns: dict[str, object] = {"__name__": "__main__"}
+    exec(compile("class Client:\n    pass\n", "<cell>", "exec"), ns)
+    client = ns["Client"]()  # type: ignore[operator]
+    client.lock, client.n = threading.Lock(), 1
+    digest = hash_value(client)
+    assert not is_opaque(digest)
+    client.lock = threading.Lock()
+    assert hash_value(client) == digest
+    client.n = 2
+    assert hash_value(client) != digest
