@@ -749,7 +749,18 @@ def function_source_hash(fn: Callable[..., Any]) -> str:
 
 
 def dumps_value(value: Any) -> bytes:
-    return cloudpickle.dumps(value, protocol=5)
+    """Pickle a step value: plain pickle (fast, C), or cloudpickle when it refers to ``__main__``.
+
+    Functions and classes defined in a notebook pickle by reference to
+    ``__main__``, which does not hold them after a restart; cloudpickle stores
+    them by value. The byte check has false positives (a string containing
+    ``__main__``), which only cost the slower path.
+    """
+    try:
+        data = pickle.dumps(value, protocol=5)
+    except Exception:
+        return cloudpickle.dumps(value, protocol=5)  # type: ignore[no-any-return]
+    return cloudpickle.dumps(value, protocol=5) if b"__main__" in data else data  # type: ignore[no-any-return]
 
 
 class Execution:

@@ -322,7 +322,17 @@ class Store:
         return self._get_json(f"step/{run}/{step_id}")
 
     def step_ids(self, run: str) -> list[str]:
-        return list(self._get_json(f"steps/{run}") or [])
+        """Completed steps of a run, in the order they were first committed.
+
+        Each new step gets an ordinal key (``stepidx/RUN/N``), so a commit
+        costs the same with 10 or 10,000 steps in the run.
+        """
+        ids = []
+        for n in range(1, self.counter(run, "step_seq") + 1):
+            step_id = self._kv.get(f"stepidx/{run}/{n}")
+            if step_id is not None:
+                ids.append(step_id)
+        return ids
 
     def commit_step(
         self, run: str, step_id: str, record: dict[str, Any], blobs: dict[str, bytes]
@@ -344,12 +354,11 @@ class Store:
             old = self.get_step(run, step_id) or {}
             for name, payload in small.items():
                 self.put_blob(f"{run}/{step_id}/{name}", payload)
-            self._set_json(f"step/{run}/{step_id}", record)
-            if not old:
-                ids = self._get_json(f"steps/{run}") or []
-                if step_id not in ids:
-                    ids.append(step_id)
-                    self._set_json(f"steps/{run}", ids)
+            ordinal = old.get("ordinal")
+            if ordinal is None:
+                ordinal = self.incr(run, "step_seq")
+                self._kv.set(f"stepidx/{run}/{ordinal}", step_id)
+            self._set_json(f"step/{run}/{step_id}", {**record, "ordinal": ordinal})
             self._kv.delete(f"lock/{run}/{step_id}")
         for name in set(old.get("saved", [])) - set(blobs):
             self.delete_blob(f"{run}/{step_id}/{name}")
@@ -358,8 +367,8 @@ class Store:
         record = self.get_step(run, step_id)
         with self.transaction():
             self._kv.delete(f"step/{run}/{step_id}")
-            ids = [i for i in self._get_json(f"steps/{run}") or [] if i != step_id]
-            self._set_json(f"steps/{run}", ids)
+            if record and record.get("ordinal") is not None:
+                self._kv.delete(f"stepidx/{run}/{record['ordinal']}")
         for name in (record or {}).get("saved", []):
             self.delete_blob(f"{run}/{step_id}/{name}")
         return record is not None
