@@ -323,6 +323,9 @@ class NbagentExtension:
             print(f"▶ step {name!r} runs again: {ex.reason}")
         pending.candidates = candidates
         pending.before = {k: id(v) for k, v in ns.items()}
+        from ._dashboard import step_status_line  # live line; prints a summary after the cell
+
+        step_status_line(run, ex.step_id)
         self._capture(pending)
         if args.retries or args.timeout:
             self._replace_body(lambda body: self._wrap_attempts(body))
