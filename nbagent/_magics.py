@@ -30,7 +30,6 @@ import html
 import os
 import shlex
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -385,10 +384,8 @@ class NbagentExtension:
         if body and isinstance(body[-1], ast.Expr):
             last = body[-1]
             show = ast.Attribute(ast.Name("__nbagent__", ast.Load()), "_show", ast.Load())
-            body = [
-                *body[:-1],
-                ast.Expr(ast.Call(show, [last.value], []), lineno=last.lineno, col_offset=0),
-            ]
+            call = ast.copy_location(ast.Call(show, [last.value], []), last.value)
+            body = [*body[:-1], ast.copy_location(ast.Expr(call), last)]  # keep end_lineno
         loop = ast.parse(
             "for __nbagent_attempt in __nbagent__._attempts():\n with __nbagent_attempt:\n  pass"
         ).body[0]
@@ -504,7 +501,9 @@ class NbagentExtension:
         ]
         deleted = [k for k in before if k not in ns]
         names = sorted(set(changed) | set(mutated))
-        names = [n for n in names if not isinstance(ns[n], types.ModuleType | Run)]
+        # modules are kept too (cloudpickle stores them by name): `import x` in a step must
+        # still bind `x` when the step replays after a restart
+        names = [n for n in names if not isinstance(ns[n], Run)]
         if args.save is not None:
             names = [n for n in names if n in args.save]
         names = [n for n in names if n not in args.exclude]
