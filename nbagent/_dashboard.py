@@ -824,7 +824,12 @@ class Dashboard:
     """
 
     def __init__(self, run: Run, *, interval: float = FLUSH_INTERVAL_S) -> None:
-        import ipywidgets as w
+        try:
+            import ipywidgets as w
+        except ImportError:
+            from ._errors import NbagentError
+
+            raise NbagentError(_MISSING_WIDGETS.replace("; showing text instead", "")) from None
 
         self.run = run
         self.state = DashboardState.from_run(run)
