@@ -45,6 +45,7 @@ from ._errors import (
     UnrestoredValueError,
 )
 from ._magics import load_ipython_extension, unload_ipython_extension
+from ._script import cell_step
 from ._store import FORMAT_VERSION, Store
 
 __version__ = "0.1.0"
@@ -69,6 +70,7 @@ __all__ = [
     "ToolSchemaError",
     "UnrestoredValueError",
     "UnsavedValueWarning",
+    "cell_step",
     "current_run",
     "current_step",
     "effect",

@@ -1,0 +1,1 @@
+"""Runnable examples; ``python -m nbagent demo`` runs :mod:`nbagent.examples.quickstart`."""
