@@ -18,6 +18,7 @@ In Python::
 
 from __future__ import annotations
 
+from ._cassette import Cassette, cassette_client
 from ._engine import (
     Run,
     RunStatus,
@@ -45,14 +46,17 @@ from ._errors import (
     UnrestoredValueError,
 )
 from ._magics import load_ipython_extension, unload_ipython_extension
+from ._otel import export_jsonl, export_otel
 from ._script import cell_step
 from ._store import FORMAT_VERSION, Store
+from ._tools import tool
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
     "CapExceeded",
+    "Cassette",
     "CircuitOpenError",
     "CostCapExceeded",
     "NbagentError",
@@ -70,13 +74,17 @@ __all__ = [
     "ToolSchemaError",
     "UnrestoredValueError",
     "UnsavedValueWarning",
+    "cassette_client",
     "cell_step",
     "current_run",
     "current_step",
     "effect",
+    "export_jsonl",
+    "export_otel",
     "format_usd",
     "idempotency_key",
     "load_ipython_extension",
     "once",
+    "tool",
     "unload_ipython_extension",
 ]
