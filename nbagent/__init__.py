@@ -19,6 +19,7 @@ In Python::
 from __future__ import annotations
 
 from ._cassette import Cassette, cassette_client
+from ._client import async_openai_client, default_client, openai_client, simulated_client
 from ._engine import (
     Run,
     RunStatus,
@@ -47,7 +48,10 @@ from ._errors import (
 )
 from ._magics import load_ipython_extension, unload_ipython_extension
 from ._otel import export_jsonl, export_otel
+from ._payments import FakePayments
+from ._pricing import PriceBook
 from ._script import cell_step
+from ._simulator import SimulatedLLM
 from ._store import FORMAT_VERSION, Store
 from ._tools import tool
 
@@ -59,10 +63,13 @@ __all__ = [
     "Cassette",
     "CircuitOpenError",
     "CostCapExceeded",
+    "FakePayments",
     "NbagentError",
+    "PriceBook",
     "Run",
     "RunStatus",
     "RunStopped",
+    "SimulatedLLM",
     "StepCapExceeded",
     "StepContext",
     "StepError",
@@ -74,10 +81,12 @@ __all__ = [
     "ToolSchemaError",
     "UnrestoredValueError",
     "UnsavedValueWarning",
+    "async_openai_client",
     "cassette_client",
     "cell_step",
     "current_run",
     "current_step",
+    "default_client",
     "effect",
     "export_jsonl",
     "export_otel",
@@ -85,6 +94,8 @@ __all__ = [
     "idempotency_key",
     "load_ipython_extension",
     "once",
+    "openai_client",
+    "simulated_client",
     "tool",
     "unload_ipython_extension",
 ]
