@@ -89,7 +89,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -147,6 +147,8 @@ class Engine:
     worker: bool
     queue_name: str
     _workflow: Callable[..., Any] = field(repr=False)
+    #: a queue only this process listens to: recovered runs resume here
+    private_queue: str = ""
 
     # -- identity of a run's workflow -------------------------------------------
 
@@ -190,9 +192,13 @@ class Engine:
         max_steps: int | None = None,
         max_llm_calls: int | None = None,
         rerun_finished: bool = True,
+        pass_run: bool = True,
         **kwargs: Any,
     ) -> Any:
         """Run ``main_fn(run, *args, **kwargs)`` as the run's DBOS workflow; return its result.
+
+        ``pass_run=False`` calls ``main_fn(*args, **kwargs)``: for programs whose
+        steps belong to a module-level run made under :func:`program_runs`.
 
         New run: executes it here, in this thread. Crashed (PENDING, its
         executor gone): recovers it, DBOS replaying completed steps. Running
@@ -203,7 +209,7 @@ class Engine:
         run_name = check_name("run", run_name)
         target = target_of(main_fn)
         _targets[target] = main_fn
-        options = _caps(max_cost_usd, max_steps, max_llm_calls)
+        options = {**_caps(max_cost_usd, max_steps, max_llm_calls), "pass_run": pass_run}
         wid = self.workflow_id(run_name)
         status = dbos.DBOS.get_workflow_status(wid)
         if status is not None and status.status in _FINISHED:
@@ -221,7 +227,7 @@ class Engine:
             and self._run_lock_free(run_name)
         ):
             log.info("nbagent: recovering DBOS workflow %s of run %r", wid, run_name)
-            dbos.DBOS.resume_workflow(wid)
+            dbos.DBOS.resume_workflow(wid, queue_name=self.private_queue)
         return dbos.DBOS.retrieve_workflow(wid).get_result()
 
     def enqueue_runs(
@@ -356,6 +362,8 @@ def _execute(
     store = engine.store
     store.acquire_lock(run_name, RUN_LOCK)
     try:
+        if not options.get("pass_run", True):
+            return fn(*args, **kwargs)
         run = DbosRun(
             run_name,
             store=store,
@@ -432,10 +440,12 @@ def launch(
             "notification_listener_polling_interval_sec": 0.1,
         }
         wf = _workflow_function(dbos)
+        private = "nbagent-exec-" + hashlib.sha1(executor_id.encode()).hexdigest()[:16]
         try:
             dbos.DBOS(config=config)  # type: ignore[arg-type]
-            dbos.DBOS.listen_queues([queue] if worker else [])
+            dbos.DBOS.listen_queues([queue, private] if worker else [private])
             dbos.DBOS.launch()
+            dbos.DBOS.register_queue(private, polling_interval_sec=0.1, on_conflict="always_update")
             if worker or dbos.DBOS.retrieve_queue(queue) is None:
                 dbos.DBOS.register_queue(
                     queue,
@@ -459,6 +469,7 @@ def launch(
             worker=worker,
             queue_name=queue,
             _workflow=wf,
+            private_queue=private,
         )
         return _engine
 
@@ -478,8 +489,17 @@ def shutdown() -> None:
     with _engine_lock:
         if _engine is None:
             return
-        _engine = None
+        engine, _engine = _engine, None
         dbos = _import_dbos()
+        with contextlib.suppress(Exception):
+            if not dbos.DBOS.list_workflows(
+                queue_name=engine.private_queue,
+                status=["ENQUEUED", "PENDING"],
+                load_input=False,
+                load_output=False,
+                limit=1,
+            ):
+                dbos.DBOS.delete_queue(engine.private_queue)
         dbos.DBOS.destroy(workflow_completion_timeout_sec=0)
 
 
@@ -572,8 +592,14 @@ def _in_workflow() -> bool:
 class DbosRun(Run):
     """A Run whose ``@run.step`` functions execute as DBOS steps inside a DBOS workflow.
 
-    Outside a workflow its steps behave exactly as a plain Run's.
+    Outside a workflow its steps behave exactly as a plain Run's. Its store
+    defaults to the launched engine's store.
     """
+
+    def __init__(self, name: str, store: Any = None, **kwargs: Any) -> None:
+        if store is None and _engine is not None:
+            store = _engine.store
+        super().__init__(name, store, **kwargs)
 
     def step(
         self,
@@ -633,6 +659,26 @@ def _dbos_step(
                 kind="step", name=step_name, step=step_id, status="replayed", replayed=1
             )
     return result
+
+
+@contextlib.contextmanager
+def program_runs() -> Iterator[None]:
+    """While a program's module code executes, ``nbagent.Run(...)`` makes a :class:`DbosRun`.
+
+    For programs written for the embedded engine (a module-level ``run =
+    nbagent.Run(...)`` and ``@run.step`` functions): their steps become DBOS
+    steps and their run uses the engine's store. Then run the program's main
+    block with ``engine.run_workflow(run.name, main, pass_run=False)``.
+    """
+    import nbagent
+
+    current_engine()
+    saved = nbagent.Run
+    nbagent.Run = DbosRun  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        nbagent.Run = saved  # type: ignore[misc]
 
 
 def step(

@@ -520,3 +520,75 @@ def test_two_workers_share_a_batch_and_execute_each_step_once(
     for i in range(1, 5):
         assert store.counter(f"b{i}", "steps") == 3
         assert store.step_ids(f"b{i}") == ["fetch#1", "think#1", "write#1"]
+
+
+# -- DBOS: a program written for the embedded engine (module-level run), failure and re-run ---
+
+_PROGRAM = textwrap.dedent(
+    """
+    import os
+    import nbagent
+
+    run = nbagent.Run("prog", max_cost_usd=1.0)
+
+    def mark(what):
+        with open(os.environ["AGENT_LOG"], "a") as f:
+            f.write(what + "\\n")
+
+    @run.step("first")
+    def first():
+        mark("first")
+        return 20
+
+    @run.step("second")
+    def second(x):
+        mark("second")
+        if os.path.exists(os.environ["AGENT_FAIL"]):
+            raise RuntimeError("upstream is down")
+        return x + 1
+
+    def main():
+        return second(first())
+    """
+)
+
+_LAUNCHER = textwrap.dedent(
+    """
+    import sys
+    from nbagent import dbos_engine
+    engine = dbos_engine.launch(sys.argv[1])
+    try:
+        with dbos_engine.program_runs():
+            program = dbos_engine.load_script(sys.argv[2])
+        assert isinstance(program.run, dbos_engine.DbosRun)
+        print("RESULT", engine.run_workflow(program.run.name, program.main, pass_run=False))
+    finally:
+        dbos_engine.shutdown()
+    """
+)
+
+
+@pytest.mark.slow
+def test_module_level_program_fails_then_reruns_only_the_failed_step(
+    pg_url: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    program = tmp_path / "program.py"
+    program.write_text(_PROGRAM)
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(_LAUNCHER)
+    fail = tmp_path / "fail"
+    fail.touch()
+    env = {**_env(), "AGENT_LOG": str(tmp_path / "steps.log"), "AGENT_FAIL": str(fail)}
+    cmd = [sys.executable, str(launcher), pg_url, str(program)]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
+    assert first.returncode != 0 and "upstream is down" in first.stderr
+    fail.unlink()
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "RESULT 21" in second.stdout
+    assert (tmp_path / "steps.log").read_text().split() == ["first", "second", "second"]
+    rows = _sql(pg_url, "SELECT workflow_uuid, status FROM dbos.workflow_status ORDER BY 1")
+    assert rows == [("nbagent:prog", "ERROR"), ("nbagent:prog:2", "SUCCESS")]
+    store = PgStore(pg_url)
+    assert store.get_run("prog") is not None and store.step_ids("prog") == ["first#1", "second#1"]
