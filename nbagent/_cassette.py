@@ -16,6 +16,11 @@ transport the ``http_client`` has)::
         http_client=httpx2.Client(transport=nbagent.Cassette("lessons/01.cassette.jsonl")),
     )
 
+Record and replay through the same client stack: the traced client adds
+``stream_options.include_usage`` to chat streams, so a stream recorded with the bare
+:func:`cassette_client` is a different request for the traced client (the miss error
+then says the closest recording "differs in: stream_options").
+
 Modes
     ``"replay"`` serves recorded responses and never touches the network; ``"record"``
     starts a new file and passes every request to ``inner`` (default: a real

@@ -121,9 +121,12 @@ def _error_type(row: dict[str, Any]) -> str | None:
 
 
 def _finish_reasons(row: dict[str, Any]) -> list[str] | None:
-    for source in (_json(row.get("detail")), _json(row.get("response"))):
+    sources = [_json(row.get("detail")), _json(row.get("response"))]
+    for source in sources:
         if not isinstance(source, dict):
             continue
+        if isinstance(source.get("response"), dict):  # a streamed Responses call, assembled
+            sources.append(source["response"])
         reasons = source.get("finish_reasons")
         if isinstance(reasons, list) and reasons:
             return [str(r) for r in reasons]

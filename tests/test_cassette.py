@@ -280,3 +280,62 @@ def test_replay_needs_no_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     client = nbagent.cassette_client(path, base_url=BASE)
     assert client.max_retries == 0
     assert chat(client).choices[0].message.content == "no key needed"
+
+
+def test_end_to_end_traced_client_over_a_cassette(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The documented composition: nbagent.openai_client(http_client=Client(Cassette))."""
+    client_mod = pytest.importorskip("nbagent._client")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    monkeypatch.setenv("NBAGENT_TIME_SCALE", "0")
+    path = tmp_path / "traced.jsonl"
+
+    def session(run_name: str, cassette: Cassette) -> tuple[nbagent.Run, str, str]:
+        run = nbagent.Run(run_name)
+        client = client_mod.openai_client(
+            http_client=httpx2.Client(transport=cassette), api_key=KEY, base_url=BASE
+        )
+
+        @run.step("ask")
+        def ask() -> tuple[str, str]:
+            plain = chat(client, max_tokens=50)
+            stream = chat(client, [{"role": "user", "content": "stream"}], stream=True)
+            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            return plain.choices[0].message.content or "", text
+
+        plain, streamed = ask()
+        return run, plain, streamed
+
+    sim = SimulatedLLM(replies=["Recorded answer.", "Recorded stream."])
+    run1, p1, s1 = session("rec", Cassette(path, mode="record", inner=sim))
+    run2, p2, s2 = session("play", Cassette(path))  # a new run, no simulator
+    assert (p1, s1) == (p2, s2) == ("Recorded answer.", "Recorded stream.")
+    assert sim.request_count == 2
+    assert KEY not in path.read_text()
+    assert run2.llm_calls == 2 and run2.spend_usd == pytest.approx(run1.spend_usd)
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    nbagent.export_otel(run2, tracer_provider=provider)
+    chats = [s for s in exporter.get_finished_spans() if s.name == "chat gpt-4o-mini"]
+    assert len(chats) == 2
+    for span in chats:
+        attrs: dict[str, Any] = dict(span.attributes or {})
+        assert attrs["gen_ai.usage.input_tokens"] > 0 and attrs["gen_ai.usage.output_tokens"] > 0
+        assert attrs["gen_ai.response.finish_reasons"] == ("stop",)
+        assert attrs["nbagent.step"] == "ask#1"
+
+    # a miss under the traced client: one clear error, not retried
+    run3 = nbagent.Run("miss")
+    client = client_mod.openai_client(
+        http_client=httpx2.Client(transport=Cassette(path)), api_key=KEY, base_url=BASE
+    )
+    with pytest.raises(CassetteMiss, match="Something new"):
+        chat(client, [{"role": "user", "content": "Something new"}])
+    errors = run3.trace().query("kind == 'llm'")
+    assert len(errors) == 1
