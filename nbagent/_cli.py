@@ -708,7 +708,7 @@ def drop_run(store: Store, name: str) -> int:
         store.drop_step(name, step_id)
         store.release_lock(name, step_id)
     store.delete_trace(name)
-    for counter in ("spend_nusd", "reserved_nusd", "llm_calls", "steps"):
+    for counter in ("spend_nusd", "reserved_nusd", "llm_calls", "steps", "step_seq"):
         store.delete_record("ctr", f"{name}/{counter}")
     store.delete_record("steps", name)
     with store.transaction():

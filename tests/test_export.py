@@ -303,8 +303,6 @@ def test_a_run_started_in_the_notebook_resumes_in_the_exported_module(
     log = tmp_path / "executions.log"
     monkeypatch.setenv("AGENT_LOG", str(log))
     nb = research_notebook()
-    for cell in nb.cells:  # no retries: the notebook side under test is plain %%step
-        cell.source = cell.source.replace(" --retries 2 --timeout 30", "")
     path = write(nb, tmp_path / "research.ipynb")
     for cell in nb.cells[:8]:
         if cell.cell_type == "code":
