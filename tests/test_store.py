@@ -339,9 +339,9 @@ def test_counters_are_atomic_across_processes(tmp_path: Path) -> None:
         "import sys\nfrom nbagent._store import Store\ns = Store(sys.argv[1])\n"
         "for _ in range(100): s.incr('r', 'n')\n"
     )
-    children = [subprocess.Popen([sys.executable, "-c", code, str(path)]) for _ in range(3)]
-    assert [c.wait() for c in children] == [0, 0, 0]
-    assert Store(path).counter("r", "n") == 300
+    children = [subprocess.Popen([sys.executable, "-c", code, str(path)]) for _ in range(2)]
+    assert [c.wait() for c in children] == [0, 0]
+    assert Store(path).counter("r", "n") == 200
 
 
 # -- trace -----------------------------------------------------------------------------------
