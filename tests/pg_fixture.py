@@ -54,8 +54,23 @@ def pg_server() -> Iterator[Any]:
     try:
         yield server
     finally:
+        _end_sessions(server.get_uri())
         server.cleanup()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _end_sessions(url: str) -> None:
+    """End sessions left open by the tests, so the server stops at once."""
+    try:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            )
+    except Exception:  # noqa: BLE001 - best effort before stopping the server
+        pass
 
 
 @pytest.fixture
