@@ -330,6 +330,9 @@ class _ToolCall:
             try:
                 bound = sig.bind(*args, **kwargs)
                 arguments: Any = dict(bound.arguments)
+                first = next(iter(sig.parameters), None)
+                if first in ("self", "cls"):  # a method: the instance is not an argument
+                    arguments.pop(first, None)
             except TypeError:
                 arguments = {"args": list(args), "kwargs": kwargs}
             self.arguments = _json_text(arguments)

@@ -197,6 +197,10 @@ def test_methods_numpy_docstrings_and_bad_definitions() -> None:
 
     schema = function_schema(Agent.lookup)
     assert list(schema["parameters"]["properties"]) == ["key"]
+    Agent.traced = nbagent.tool(Agent.lookup)  # type: ignore[attr-defined]
+    run = nbagent.Run("tools-5")
+    assert Agent().traced("k") == "k"  # type: ignore[attr-defined]
+    assert json.loads(tool_rows(run)[0]["request"]) == {"key": "k"}
     assert parse_docstring(Agent.lookup.__doc__)[1] == {"key": "the key."}
 
     def bad(x: Custom) -> None: ...
