@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from ._cassette import Cassette, cassette_client
 from ._client import async_openai_client, default_client, openai_client, simulated_client
+from ._effects import effect, once
 from ._engine import (
     Run,
     RunStatus,
@@ -31,7 +32,6 @@ from ._engine import (
     format_usd,
     idempotency_key,
 )
-from ._effects import effect, once
 from ._errors import (
     CapExceeded,
     CircuitOpenError,

@@ -30,6 +30,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -635,7 +636,14 @@ class Run:
                 reason = "source changed"
             else:
                 old = record.get("inputs", {})
-                changed = sorted(n for n in set(old) | set(inputs) if old.get(n) != inputs.get(n))
+                # a value equal to what the step itself left behind is not a change: running
+                # a cell twice in one kernel (it reads what it bound or appended to) replays
+                after = record.get("after", {})
+                changed = sorted(
+                    n
+                    for n in set(old) | set(inputs)
+                    if old.get(n) != inputs.get(n) and after.get(n, "") != inputs.get(n)
+                )
                 if changed:
                     shown = ", ".join(f"`{n}`" for n in changed[:3]) + (
                         ", ..." if len(changed) > 3 else ""
@@ -922,6 +930,7 @@ class Execution:
                 "outside the step, exclude them with --exclude, or drop --strict."
             )
         duration = time.perf_counter() - self._t0
+        after = {n: fp.hash_value(values[n]) for n in blobs if not n.startswith("(")}
         record = {
             "run": self.run.name,
             "name": self.name,
@@ -930,6 +939,7 @@ class Execution:
             "source_hash": self.source_hash,
             "inputs": self.inputs,
             "saved": sorted(blobs),
+            "after": after,
             "unsaved": unsaved,
             "deleted": sorted(deleted or []),
             "outputs": outputs,
@@ -993,6 +1003,96 @@ class Execution:
             self.run._emit(
                 {"type": "step_failed", "step": self.step_id, "name": self.name, "error": error}
             )
+
+
+# -- what a step stores of a namespace (shared by the magic and exported modules) ---------
+
+_MISSING = object()
+
+
+def user_globals(namespace: dict[str, Any]) -> dict[str, Any]:
+    """The user's names and their objects before a step body runs.
+
+    Objects, not ids: holding them keeps an id from being reused by a new
+    object, which would hide a rebinding.
+    """
+    return {k: v for k, v in namespace.items() if fp.is_user_name(k)}
+
+
+def names_to_store(
+    namespace: dict[str, Any],
+    before: dict[str, Any],
+    candidates: Any,
+    inputs: dict[str, str],
+    *,
+    save: Any = None,
+    exclude: Any = (),
+) -> tuple[list[str], list[str]]:
+    """(names to store, names deleted) after a step body ran.
+
+    Stored: every user name bound or rebound (a new object), and every name
+    the body read whose object it changed in place (its hash differs from its
+    input hash). Modules are kept (stored by name, so ``import x`` inside a
+    step still binds ``x`` on replay); runs never. ``save`` keeps only those
+    names, ``exclude`` drops names.
+    """
+    changed = {
+        k for k, v in namespace.items() if fp.is_user_name(k) and before.get(k, _MISSING) is not v
+    }
+    mutated = {
+        n
+        for n in candidates
+        if n in namespace
+        and before.get(n, _MISSING) is namespace[n]
+        and fp.hash_value(namespace[n]) != inputs.get(n)
+    }
+    names = [
+        n
+        for n in sorted(changed | mutated)
+        if not isinstance(namespace[n], Run) and (save is None or n in save) and n not in exclude
+    ]
+    deleted = sorted(k for k in before if k not in namespace)
+    return names, deleted
+
+
+def restore_into(ex: Execution, namespace: dict[str, Any]) -> dict[str, Any]:
+    """Put a replayed step's variables back into a namespace; returns all stored values.
+
+    Functions and classes a step defined come back (by value) with fresh
+    globals; they are rebound to ``namespace`` so that ``findings.append``
+    inside them reaches the namespace's ``findings`` again.
+    """
+    values = ex.restored_values()
+    for name, value in values.items():
+        if not name.startswith("("):  # "(result)": the cell's Out[] value
+            namespace[name] = _rebind(value, namespace)
+    for name in (ex.record or {}).get("deleted", []):
+        namespace.pop(name, None)
+    return values
+
+
+def _rebind(value: Any, namespace: dict[str, Any]) -> Any:
+    if isinstance(value, types.FunctionType) and value.__globals__ is not namespace:
+        if value.__module__ not in ("__main__", namespace.get("__name__")):
+            return value
+        fn = types.FunctionType(
+            value.__code__, namespace, value.__name__, value.__defaults__, value.__closure__
+        )
+        fn.__kwdefaults__ = value.__kwdefaults__
+        fn.__dict__.update(value.__dict__)
+        fn.__qualname__ = value.__qualname__
+        fn.__annotations__ = value.__annotations__
+        fn.__doc__ = value.__doc__
+        fn.__module__ = value.__module__
+        return fn
+    if isinstance(value, type) and value.__module__ in ("__main__", namespace.get("__name__")):
+        for attr, member in list(vars(value).items()):
+            inner = member.__func__ if isinstance(member, staticmethod | classmethod) else member
+            if isinstance(inner, types.FunctionType):
+                rebound = _rebind(inner, namespace)
+                if rebound is not inner:
+                    setattr(value, attr, type(member)(rebound) if inner is not member else rebound)
+    return value
 
 
 class _Attempt:

@@ -36,8 +36,17 @@ from typing import Any
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from . import _fingerprint as fp
-from ._engine import Execution, Run, current_run, format_usd, step_attempts
-from ._errors import NbagentError, StepError
+from ._engine import (
+    Execution,
+    Run,
+    current_run,
+    format_usd,
+    names_to_store,
+    restore_into,
+    step_attempts,
+    user_globals,
+)
+from ._errors import StepError
 
 HEADER = "%%step"
 
@@ -193,6 +202,16 @@ class _OneShot(ast.NodeTransformer):
         return node
 
 
+def _show_last(body: list[ast.stmt], show: bool) -> list[ast.stmt]:
+    """Body whose last expression is displayed through ``__nbagent__._show`` (as ``Out[n]``)."""
+    if not show or not body or not isinstance(body[-1], ast.Expr):
+        return body
+    last = body[-1]
+    func = ast.Attribute(ast.Name("__nbagent__", ast.Load()), "_show", ast.Load())
+    call = ast.copy_location(ast.Call(func, [last.value], []), last.value)
+    return [*body[:-1], ast.copy_location(ast.Expr(call), last)]  # keep end_lineno
+
+
 def _call(attr: str) -> ast.Expr:
     return ast.Expr(
         ast.Call(ast.Attribute(ast.Name("__nbagent__", ast.Load()), attr, ast.Load()), [], []),
@@ -208,7 +227,8 @@ class _Pending:
         self.ex = ex
         self.args = args
         self.error: BaseException | None = None
-        self.before: dict[str, int] = {}
+        self.last_value: Any = None
+        self.before: dict[str, Any] = {}
         self.candidates: list[str] = []
         self.outputs: list[dict[str, Any]] = []
         self.restore: list[Any] = []
@@ -321,29 +341,31 @@ class NbagentExtension:
         if ex.reason:
             print(f"▶ step {name!r} runs again: {ex.reason}")
         pending.candidates = candidates
-        pending.before = {k: id(v) for k, v in ns.items()}
+        pending.before = user_globals(ns)
         from ._dashboard import step_status_line  # live line; prints a summary after the cell
 
         step_status_line(run, ex.step_id)
         self._capture(pending)
+        # The commit runs inside the cell, after the body, so that a commit error
+        # (--strict, a full disk) fails the cell; the last expression is shown
+        # explicitly (a trailing `;` still hides it, as in IPython).
+        show_last = not transformed.rstrip().endswith(";")
         if args.retries or args.timeout:
-            self._replace_body(lambda body: self._wrap_attempts(body))
+            self._replace_body(
+                lambda body: [*self._wrap_attempts(body, show_last), _call("_commit_in_cell")]
+            )
         else:
             ex.attempts = 1
             ex.context.new_attempt(1)
             _engine_set_notebook_step(ex)
-            ex.run.check_not_stopped()
+            self._replace_body(
+                lambda body: [*_show_last(body, show_last), _call("_commit_in_cell")]
+            )
 
     # -- replay --------------------------------------------------------------------
 
     def _replay(self, ex: Execution) -> None:
-        ns = self.shell.user_ns
-        values = ex.restored_values()
-        for name, value in values.items():
-            if not name.startswith("("):
-                ns[name] = value
-        for name in (ex.record or {}).get("deleted", []):
-            ns.pop(name, None)
+        values = restore_into(ex, self.shell.user_ns)
         marker = ex.replay_marker()
         self.show_text(
             marker, f'<div style="color:#777;font-size:smaller">{html.escape(marker)}</div>'
@@ -380,12 +402,8 @@ class NbagentExtension:
 
     # -- retries and timeouts --------------------------------------------------------
 
-    def _wrap_attempts(self, body: list[ast.stmt]) -> list[ast.stmt]:
-        if body and isinstance(body[-1], ast.Expr):
-            last = body[-1]
-            show = ast.Attribute(ast.Name("__nbagent__", ast.Load()), "_show", ast.Load())
-            call = ast.copy_location(ast.Call(show, [last.value], []), last.value)
-            body = [*body[:-1], ast.copy_location(ast.Expr(call), last)]  # keep end_lineno
+    def _wrap_attempts(self, body: list[ast.stmt], show_last: bool = True) -> list[ast.stmt]:
+        body = _show_last(body, show_last)
         loop = ast.parse(
             "for __nbagent_attempt in __nbagent__._attempts():\n with __nbagent_attempt:\n  pass"
         ).body[0]
@@ -404,6 +422,8 @@ class NbagentExtension:
             yield attempt
 
     def _show(self, value: Any) -> None:
+        if self.pending is not None:
+            self.pending.last_value = value
         self.shell.displayhook(value)
 
     # -- output capture --------------------------------------------------------------
@@ -475,44 +495,26 @@ class NbagentExtension:
         ex = pending.ex
         if ex.replay or ex.finished:
             return
-        error = None
-        if result is None:
-            error = RuntimeError("the cell did not finish")
-        else:
-            error = result.error_before_exec or result.error_in_exec
-        if error is not None:
-            ex.abort(error)
-            return
-        try:
-            self._commit(ex, pending, result)
-        except NbagentError as e:
-            print(f"nbagent: {e}", file=sys.stderr)
+        # the body failed or was interrupted (else _commit_in_cell finished the step)
+        error = result and (result.error_before_exec or result.error_in_exec)
+        ex.abort(error or RuntimeError("the cell did not finish"))
 
-    def _commit(self, ex: Execution, pending: _Pending, result: Any) -> None:
-        ns = self.shell.user_ns
-        args = pending.args
-        assert args is not None
-        before = pending.before
-        changed = [k for k, v in ns.items() if fp.is_user_name(k) and before.get(k, -1) != id(v)]
-        mutated = [
-            n
-            for n in pending.candidates
-            if n in ns and before.get(n) == id(ns[n]) and fp.hash_value(ns[n]) != ex.inputs.get(n)
-        ]
-        deleted = [k for k in before if k not in ns]
-        names = sorted(set(changed) | set(mutated))
-        # modules are kept too (cloudpickle stores them by name): `import x` in a step must
-        # still bind `x` when the step replays after a restart
-        names = [n for n in names if not isinstance(ns[n], Run)]
-        if args.save is not None:
-            names = [n for n in names if n in args.save]
-        names = [n for n in names if n not in args.exclude]
+    def _commit_in_cell(self) -> None:
+        """Commit the step; the last statement of a step cell, so its errors fail the cell."""
+        __tracebackhide__ = True  # noqa: F841 - IPython hides this frame
+        pending = self.pending
+        assert pending is not None and pending.ex is not None and pending.args is not None
+        self._uncapture(pending)  # what commit prints is not part of the step's output
+        ex, args, ns = pending.ex, pending.args, self.shell.user_ns
+        names, deleted = names_to_store(
+            ns, pending.before, pending.candidates, ex.inputs, save=args.save, exclude=args.exclude
+        )
         values = {n: ns[n] for n in names}
         bundle = None
-        if result is not None and result.result is not None:
-            data, _ = self.shell.display_formatter.format(result.result)
+        if pending.last_value is not None:
+            data, _ = self.shell.display_formatter.format(pending.last_value)
             bundle = {k: v for k, v in data.items() if k != _WIDGET_MIME}
-            values["(result)"] = result.result
+            values["(result)"] = pending.last_value
         unsaved = ex.commit(
             values,
             outputs=pending.outputs,

@@ -37,14 +37,21 @@ import functools
 import inspect
 import sys
 import textwrap
-import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _fingerprint as fp
-from ._engine import Execution, Run, _Tee, check_name, function_source_hash, step_attempts
-
-_MISSING = object()
+from ._engine import (
+    Execution,
+    Run,
+    _Tee,
+    check_name,
+    function_source_hash,
+    names_to_store,
+    restore_into,
+    step_attempts,
+    user_globals,
+)
 
 
 def cell_step(
@@ -151,59 +158,9 @@ def cell_body(fn: Callable[..., Any]) -> ast.Module | None:
     return ast.Module(body=statements, type_ignores=[])
 
 
-def user_globals(namespace: Mapping[str, Any]) -> dict[str, Any]:
-    """The user's names and their objects, before a step runs.
-
-    Objects, not ids: holding them keeps an id from being reused by a new
-    object, which would hide a rebinding.
-    """
-    return {k: v for k, v in namespace.items() if fp.is_user_name(k)}
-
-
-def names_to_store(
-    namespace: Mapping[str, Any],
-    before: Mapping[str, Any],
-    candidates: Iterable[str],
-    inputs: Mapping[str, str],
-    *,
-    save: frozenset[str] | None = None,
-    exclude: frozenset[str] = frozenset(),
-) -> tuple[list[str], list[str]]:
-    """(names to store, names deleted) after a step body ran: the ``%%step`` commit rules.
-
-    Stored: every user name bound or rebound (a new object), and every name
-    the body read whose object it changed in place (hash differs from its
-    input hash). Never: modules and runs. ``save`` keeps only those names,
-    ``exclude`` drops names.
-    """
-    changed = {
-        k for k, v in namespace.items() if fp.is_user_name(k) and before.get(k, _MISSING) is not v
-    }
-    mutated = {
-        n
-        for n in candidates
-        if n in namespace
-        and before.get(n, _MISSING) is namespace[n]
-        and fp.hash_value(namespace[n]) != inputs.get(n)
-    }
-    names = [
-        n
-        for n in sorted(changed | mutated)
-        if not isinstance(namespace[n], types.ModuleType | Run)
-        and (save is None or n in save)
-        and n not in exclude
-    ]
-    deleted = sorted(k for k in before if k not in namespace)
-    return names, deleted
-
-
 def _replay(ex: Execution, namespace: dict[str, Any]) -> None:
-    for name, value in ex.restored_values().items():
-        if not name.startswith("("):  # "(result)": the notebook's Out[] value
-            namespace[name] = value
-    for name in (ex.record or {}).get("deleted", []):
-        namespace.pop(name, None)
+    restore_into(ex, namespace)
     ex.print_replay()
 
 
-__all__ = ["cell_step", "names_to_store"]
+__all__ = ["cell_step"]

@@ -102,11 +102,6 @@ def test_rerun_after_restart_replays_without_executing(
     assert elapsed < 0.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design: a re-run in the same kernel sees the step's own output as a changed "
-    "input (`plan` did not exist on the first run), so it executes again",
-)
 def test_replay_in_the_same_kernel_is_a_no_op(ip: Any, log: list[str]) -> None:
     ok(ip, PLAN)
     ok(ip, PLAN)
@@ -231,11 +226,6 @@ def test_imports_and_functions_made_in_a_step_come_back(ip: Any, log: list[str])
     assert ok(ip, "dump([1])").result == "[1]"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design: a function restored from a step (cloudpickle by value) gets a private "
-    "__globals__ dict, not the notebook namespace: it no longer sees or mutates notebook globals",
-)
 def test_function_made_in_a_step_uses_the_notebook_globals_after_replay(
     ip: Any, log: list[str]
 ) -> None:
@@ -387,17 +377,12 @@ def test_unpicklable_value_completes_with_a_warning_and_fails_clearly_after_rest
 
 def test_strict_makes_an_unpicklable_value_an_error(ip: Any, log: list[str], capsys: Any) -> None:
     source = "%%step connect --strict\n_log.append('connect')\nimport threading\nclient = threading.Lock()\n"
-    cell(ip, source)
-    err = capsys.readouterr().err
-    assert "client" in err and "cannot be stored" in err
+    result = cell(ip, source)
+    message = str(result.error_in_exec)
+    assert "client" in message and "cannot be stored" in message and "--strict" in message
     assert record("connect#1") is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design: --strict is checked in post_run_cell, which cannot fail the cell; "
-    "the error is only printed to stderr and the cell counts as a success",
-)
 def test_strict_error_is_raised_as_the_cells_error(ip: Any) -> None:
     source = "%%step connect --strict\nimport threading\nclient = threading.Lock()\n"
     result = cell(ip, source)
