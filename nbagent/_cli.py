@@ -697,26 +697,6 @@ def last_activity(store: Store, name: str) -> float:
     return max(times)
 
 
-def drop_run(store: Store, name: str) -> int:
-    """Delete a run: its steps and their values, counters, trace, record; returns steps dropped.
-
-    Built on the public Store verbs; only the store's list of run names has no
-    public verb and is rewritten directly. TODO(store): move to ``Store.drop_run``.
-    """
-    steps = store.step_ids(name)
-    for step_id in steps:
-        store.drop_step(name, step_id)
-        store.release_lock(name, step_id)
-    store.delete_trace(name)
-    for counter in ("spend_nusd", "reserved_nusd", "llm_calls", "steps", "step_seq"):
-        store.delete_record("ctr", f"{name}/{counter}")
-    store.delete_record("steps", name)
-    with store.transaction():
-        store.delete_record("run", name)
-        store._set_json("runs", [r for r in store.runs() if r != name])
-    return len(steps)
-
-
 def cmd_runs(args: argparse.Namespace) -> int:
     store = _store(args)
     names = store.runs()
@@ -815,7 +795,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         run = Run(name, store=store, activate=False)
         spend = format_usd(run.spend_usd)
         verb = "would drop" if args.dry_run else "dropped"
-        steps = len(store.step_ids(name)) if args.dry_run else drop_run(store, name)
+        steps = len(store.step_ids(name)) if args.dry_run else store.drop_run(name)
         print(f"{verb} run {name!r}: last activity {_when(when)}, {steps} steps, spend {spend}")
         dropped += 1
     if not dropped:

@@ -55,7 +55,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ._errors import StepLockedError, StoreError, StoreFormatError
-from ._store import _INLINE_BLOB, TRACE_COLUMNS, Store, _me
+from ._store import _INLINE_BLOB, _RUN_KINDS, TRACE_COLUMNS, Store, _me
 
 #: Version of the PostgreSQL layout (independent of the embedded store's).
 PG_FORMAT_VERSION = 1
@@ -560,6 +560,27 @@ class PgStore(Store):
             args.append(run)
         rows = self._conn().execute(sql + " ORDER BY seq", args).fetchall()
         return ["seq", *TRACE_COLUMNS], rows
+
+    def drop_run(self, run: str) -> int:
+        steps = len(self.step_ids(run))
+        prefixes = [f"{kind}/{run}/" for kind in _RUN_KINDS]
+        with self.transaction():
+            conn = self._conn()
+            conn.execute(
+                f"DELETE FROM {self._t['kv']} WHERE key = ANY(%s) OR "
+                + " OR ".join("left(key, %s) = %s" for _ in prefixes),
+                [
+                    [f"run/{run}", f"dbos/{run}", f"steps/{run}"],
+                    *[x for p in prefixes for x in (len(p), p)],
+                ],
+            )
+            conn.execute(
+                f"DELETE FROM {self._t['counters']} WHERE left(key, %s) = %s",
+                (len(run) + 1, f"{run}/"),
+            )
+            self._set_json("runs", [r for r in self.runs() if r != run])
+        self.delete_trace(run)
+        return steps
 
     def delete_trace(self, run: str) -> None:
         self._conn().execute(f"DELETE FROM {self._t['trace']} WHERE run = %s", (run,))

@@ -160,6 +160,9 @@ def _me() -> dict[str, Any]:
     return dict(_ME)
 
 
+#: Kinds of keys that belong to one run: ``KIND/RUN/...``.
+_RUN_KINDS = ("ctr", "step", "stepidx", "blob", "lock", "llm", "effect")
+
 #: Value blobs up to this size are written inside the commit transaction.
 _INLINE_BLOB = 1 << 20
 
@@ -315,6 +318,26 @@ class Store:
 
     def incr(self, run: str, name: str, delta: int = 1) -> int:
         return int(self._kv.incr(f"ctr/{run}/{name}", delta, default=0, retry=True))
+
+    def drop_run(self, run: str) -> int:
+        """Delete a run and everything kept for it (steps, values, counters, ledger, trace).
+
+        Returns the number of completed steps dropped. For ``nbagent gc``; the
+        run's spend goes with it, so this is never done implicitly.
+        """
+        steps = len(self.step_ids(run))
+        prefixes = tuple(f"{kind}/{run}/" for kind in _RUN_KINDS)
+        doomed = [
+            k
+            for k in self._kv.iterkeys()
+            if isinstance(k, str) and (k in (f"run/{run}", f"dbos/{run}") or k.startswith(prefixes))
+        ]
+        with self.transaction():
+            for key in doomed:
+                self._kv.delete(key)
+            self._set_json("runs", [r for r in self.runs() if r != run])
+        self.delete_trace(run)
+        return steps
 
     # -- steps ----------------------------------------------------------------
 

@@ -150,6 +150,19 @@ def test_pgstore_contract(pg_url: str) -> None:  # noqa: F811
 
 
 @pytest.mark.slow
+def test_pgstore_drop_run_removes_everything_of_that_run_only(pg_url: str) -> None:  # noqa: F811
+    from test_store import check_only_gone_was_dropped, fill_two_runs
+
+    store = PgStore(pg_url)
+    for run in store.runs():
+        store.drop_run(run)
+    fill_two_runs(store)
+    assert store.drop_run("gone") == 1
+    check_only_gone_was_dropped(store)
+    store.close()
+
+
+@pytest.mark.slow
 def test_pgstore_blobs_are_signed_and_tampering_never_unpickles(
     pg_url: str,  # noqa: F811
     tmp_path: Path,

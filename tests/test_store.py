@@ -385,3 +385,33 @@ def test_trace_rows_round_trip(tmp_path: Path) -> None:
     assert Store(tmp_path / "s").trace_rows("r")[1] == rows
     store.delete_trace("r")
     assert store.trace_rows("r")[1] == [] and len(store.trace_rows()[1]) == 1
+
+
+def fill_two_runs(store: Store) -> None:
+    """Two runs with a step, a value, counters, a ledger record, an effect and trace rows."""
+    for run in ("gone", "kept"):
+        store.put_run(run, {"name": run})
+        store.commit_step(run, "a#1", {"saved": ["x"]}, {"x": b"1"})
+        store.incr(run, "spend_nusd", 7)
+        store.set_record("llm", f"{run}/a#1/1/h", {"v": 1})
+        store.set_record("effect", f"{run}/run:{run}:step:a:1:charge", {"status": "done"})
+        store.add_trace({"run": run, "kind": "llm"})
+
+
+def check_only_gone_was_dropped(store: Store) -> None:
+    assert store.runs() == ["kept"]
+    assert store.get_run("gone") is None and store.step_ids("gone") == []
+    assert store.get_blob("gone/a#1/x") is None and store.counter("gone", "spend_nusd") == 0
+    assert store.get_record("llm", "gone/a#1/1/h") is None
+    assert store.get_record("effect", "gone/run:gone:step:a:1:charge") is None
+    assert store.trace_rows("gone")[1] == []
+    assert store.step_ids("kept") == ["a#1"] and store.get_blob("kept/a#1/x") == b"1"
+    assert store.counter("kept", "spend_nusd") == 7 and store.get_record("llm", "kept/a#1/1/h")
+    assert len(store.trace_rows("kept")[1]) == 1
+
+
+def test_drop_run_removes_everything_of_that_run_only(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    fill_two_runs(store)
+    assert store.drop_run("gone") == 1
+    check_only_gone_was_dropped(store)
