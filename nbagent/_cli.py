@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from ._engine import Run, current_run, format_duration, format_usd
+from ._engine import Run, current_run, format_duration, format_usd, on_run_opened
 from ._errors import CapExceeded, NbagentError, RunStopped
 from ._store import Store, default_store_dir, open_store
 
@@ -443,6 +443,7 @@ def run_program(
         module.__file__ = program.filename
     progress = Progress(out)
     folder = program.path.resolve().parent
+    unhook = on_run_opened(lambda run: progress.watch([run]))
     try:
         with _as_main(module, str(program.path), folder):
             exec(compile(tree, program.filename, "exec", dont_inherit=True), module.__dict__)
@@ -486,6 +487,8 @@ def run_program(
         progress.line(f"✗ failed: {type(e).__name__}: {e}")
         progress.summary()
         return EXIT_FAILED
+    finally:
+        unhook()
     progress.summary()
     return EXIT_OK
 

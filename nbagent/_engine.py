@@ -129,6 +129,20 @@ _step_var: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar(
 # the step that the notebook is running is also kept here for them.
 _notebook_step: StepContext | None = None
 _current_run: Run | None = None
+#: The class ``Run(...)`` makes while set: ``nbagent.dbos_engine.program_runs()`` sets it to
+#: DbosRun, so a program's runs execute on DBOS however it imported Run.
+_run_class: type[Run] | None = None
+_run_opened_hooks: list[Callable[[Run], None]] = []
+
+
+def on_run_opened(hook: Callable[[Run], None]) -> Callable[[], None]:
+    """Call ``hook(run)`` whenever a Run is opened in this process; returns an unhook function.
+
+    Front-ends that watch a program (terminal progress of ``nbagent run``)
+    use it to see runs opened anywhere, e.g. inside the program's ``main()``.
+    """
+    _run_opened_hooks.append(hook)
+    return lambda: _run_opened_hooks.remove(hook) if hook in _run_opened_hooks else None
 
 
 def current_step() -> StepContext | None:
@@ -239,6 +253,11 @@ class Run:
     :param strict: make unsaveable step variables an error instead of a warning.
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Run:
+        if cls is Run and _run_class is not None:
+            cls = _run_class
+        return super().__new__(cls)
+
     def __init__(
         self,
         name: str,
@@ -273,6 +292,8 @@ class Run:
             self.set_cap(**changes, reason="opened with new caps")  # type: ignore[arg-type]
         if activate:
             self.activate()
+        for hook in list(_run_opened_hooks):
+            hook(self)
 
     def activate(self) -> Run:
         """Make this the run that steps and LLM calls use by default."""

@@ -215,6 +215,21 @@ def test_run_a_python_module(folder: Path, capsys: Any) -> None:
     assert "run 'py-run-2'" in capsys.readouterr().out
 
 
+def test_progress_follows_a_run_opened_inside_main(folder: Path, capsys: Any) -> None:
+    (folder / "agent.py").write_text(
+        "import nbagent\n\n"
+        "def main():\n"
+        "    run = nbagent.Run('inner-run')\n"
+        "    double = run.step('double')(lambda x: 2 * x)\n"
+        "    print('result', double(21))\n\n"
+        "if __name__ == '__main__':\n"
+        "    main()\n"
+    )
+    assert main(["run", "agent.py"]) == 0
+    out = capsys.readouterr().out
+    assert "▶ double" in out and "✓ double" in out and "result 42" in out
+
+
 # -- runs, show, trace, gc ---------------------------------------------------------------------
 
 
