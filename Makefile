@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint lab bench clean
+.PHONY: demo test lint lab lessons bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +17,20 @@ demo: $(STAMP)
 	$(PY) -m nbagent demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check nbagent tests bench
-	$(PY) -m ruff format --check nbagent tests bench
+	$(PY) -m ruff check nbagent tests bench tools conftest.py
+	$(PY) -m ruff format --check nbagent tests bench tools conftest.py
 	$(PY) -m mypy
 
+# The lessons run in a second invocation: --nbval compares every stored output (strict), in the
+# current environment, with volatile values masked by notebooks/nbval-sanitize.cfg.
 test: lint
-	$(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+	$(PY) -m pytest tests -p no:cacheprovider
+	$(PY) -m pytest --nbval notebooks --nbval-current-env \
+		--nbval-sanitize-with notebooks/nbval-sanitize.cfg -p no:cacheprovider
+
+# Rebuild the lesson notebooks from lessons/NN-slug.py (LESSONS="00 03" for some of them).
+lessons: $(STAMP)
+	$(PY) tools/build_lessons.py $(LESSONS)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
