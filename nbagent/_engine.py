@@ -22,6 +22,7 @@ import inspect
 import io
 import logging
 import math
+import operator
 import os
 import pickle
 import re
@@ -34,6 +35,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any, TypeVar
 
 import cloudpickle
@@ -1040,9 +1042,38 @@ def user_globals(namespace: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in namespace.items() if fp.is_user_name(k)}
 
 
+class NamespaceSnapshot:
+    """Every name of a namespace and its object, before a step body runs.
+
+    What :func:`user_globals` gives, but cheap to take and to compare on a
+    namespace of thousands of names (IPython adds ``_iN`` per cell): two list
+    copies now, and after the body a position-by-position identity check in C
+    (a dict keeps its order; rebinding a name keeps its place, new names go
+    last). Objects are held, so an id cannot be reused to hide a rebinding.
+    """
+
+    __slots__ = ("names", "objects")
+
+    def __init__(self, namespace: dict[str, Any]) -> None:
+        self.names = list(namespace)
+        self.objects = list(namespace.values())
+
+    def diff(self, namespace: dict[str, Any]) -> tuple[set[str], set[str]]:
+        """(names bound or rebound since the snapshot, names deleted), user's or not."""
+        names = self.names
+        now = list(namespace)
+        if now[: len(names)] == names:  # nothing deleted or moved
+            bound = set(compress(names, map(operator.is_not, self.objects, namespace.values())))
+            bound.update(now[len(names) :])
+            return bound, set()
+        before = dict(zip(names, self.objects, strict=True))
+        bound = {k for k, v in namespace.items() if before.get(k, _MISSING) is not v}
+        return bound, before.keys() - namespace.keys()
+
+
 def names_to_store(
     namespace: dict[str, Any],
-    before: dict[str, Any],
+    before: dict[str, Any] | NamespaceSnapshot,
     candidates: Any,
     inputs: dict[str, str],
     *,
@@ -1057,22 +1088,25 @@ def names_to_store(
     step still binds ``x`` on replay); runs never. ``save`` keeps only those
     names, ``exclude`` drops names.
     """
-    changed = {
-        k for k, v in namespace.items() if fp.is_user_name(k) and before.get(k, _MISSING) is not v
-    }
-    mutated = {
-        n
-        for n in candidates
-        if n in namespace
-        and before.get(n, _MISSING) is namespace[n]
-        and fp.hash_value(namespace[n]) != inputs.get(n)
-    }
+    if isinstance(before, NamespaceSnapshot):
+        bound, gone = before.diff(namespace)
+        changed = {k for k in bound if fp.is_user_name(k)}
+        kept = [n for n in candidates if n in namespace and n not in bound]
+        deleted = sorted(k for k in gone if fp.is_user_name(k))
+    else:
+        changed = {
+            k
+            for k, v in namespace.items()
+            if fp.is_user_name(k) and before.get(k, _MISSING) is not v
+        }
+        kept = [n for n in candidates if n in namespace and before.get(n, _MISSING) is namespace[n]]
+        deleted = sorted(k for k in before if k not in namespace)
+    mutated = {n for n in kept if fp.hash_value(namespace[n]) != inputs.get(n)}
     names = [
         n
         for n in sorted(changed | mutated)
         if not isinstance(namespace[n], Run) and (save is None or n in save) and n not in exclude
     ]
-    deleted = sorted(k for k in before if k not in namespace)
     return names, deleted
 
 

@@ -38,13 +38,13 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from . import _fingerprint as fp
 from ._engine import (
     Execution,
+    NamespaceSnapshot,
     Run,
     current_run,
     format_usd,
     names_to_store,
     restore_into,
     step_attempts,
-    user_globals,
 )
 from ._errors import StepError
 
@@ -341,7 +341,7 @@ class NbagentExtension:
         if ex.reason:
             print(f"▶ step {name!r} runs again: {ex.reason}")
         pending.candidates = candidates
-        pending.before = user_globals(ns)
+        pending.before = NamespaceSnapshot(ns)
         from ._dashboard import step_status_line  # live line; prints a summary after the cell
 
         step_status_line(run, ex.step_id)
