@@ -18,7 +18,6 @@ import argparse
 import collections
 import contextlib
 import gc
-import io
 import json
 import os
 import platform
@@ -206,8 +205,11 @@ def bench_diskcache(sizes: list[int]) -> dict[int, dict[str, float]]:
         cache = diskcache.Cache(str(TMP / f"dc-{n}"))
         for i in range(200):
             cache.set(f"warm/{i}", "x" * 100)
-        sets = [timed(lambda i=i: cache.set(f"k/{i}", '{"status": "done"}'))[0] for i in range(n)]
-        gets = [timed(lambda i=i: cache.get(f"k/{i}"))[0] for i in range(n)]
+        sets = [
+            timed(lambda i=i, cache=cache: cache.set(f"k/{i}", '{"status": "done"}'))[0]
+            for i in range(n)
+        ]
+        gets = [timed(lambda i=i, cache=cache: cache.get(f"k/{i}"))[0] for i in range(n)]
         out[n] = {"set": med(sets), "get": med(gets)}
         cache.close()
     return out
@@ -393,8 +395,8 @@ def bench_state(ip: Any, sizes: list[int]) -> None:
                 f"{rp * MS:.1f}", f"{gbps(size, rp):.2f}", verdict(gbps(size, rp) >= 1.0),
             ])  # fmt: skip
             hreps = max(reps, 3) if nbytes < 1 << 30 else 1
-            h = med(timed(lambda: fp.hash_value(value), hreps))
-            j = med(timed(lambda: joblib.hash(value), hreps))
+            h = med(timed(lambda v=value: fp.hash_value(v), hreps))
+            j = med(timed(lambda v=value: joblib.hash(v), hreps))
             hash_rows.append([
                 f"{kind} {label}", f"{h * MS:.1f}", f"{gbps(size, h):.2f}",
                 f"{j * MS:.1f}", f"{gbps(size, j):.2f}", verdict(gbps(size, h) >= 1.0),
