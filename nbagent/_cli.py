@@ -13,6 +13,15 @@ under both and either one resumes a run the other started. The module's
 ``if __name__ == "__main__":`` block runs after the module body, once the
 terminal progress is subscribed to the runs the body opened.
 
+On DBOS (``--engine dbos --db URL``, or NBAGENT_ENGINE=dbos and
+NBAGENT_DB_URL): the module body runs with ``Run(...)`` making a DbosRun (its
+store is the database's; its steps, exported cells included, are DBOS steps)
+and the ``__main__`` block runs as the run's DBOS workflow. Killed, the same
+command recovers the workflow: DBOS skips the steps it recorded. ``runs``,
+``show`` and ``trace`` with ``--db postgresql://...`` read that database.
+``python agent.py`` itself always runs on the embedded engine: the exported
+module stays plain Python, and the launcher (``nbagent run``) picks the engine.
+
 Exit codes: 0 done, 1 a step failed, 2 bad input, 3 a cap refused, 4 the run
 is stopped, 130 interrupted (Ctrl-C; the run is resumable).
 """
@@ -24,6 +33,7 @@ import ast
 import builtins
 import contextlib
 import functools
+import hashlib
 import linecache
 import os
 import re
@@ -207,8 +217,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_engine(args: argparse.Namespace) -> None:
-    """Resolve ``--engine``/``--db`` (or NBAGENT_ENGINE/NBAGENT_DB_URL); only embedded runs today."""
-    engine = args.engine or os.environ.get("NBAGENT_ENGINE") or "embedded"
+    """Resolve ``--engine``/``--db`` (or NBAGENT_ENGINE/NBAGENT_DB_URL).
+
+    ``--db URL`` alone means the dbos engine. With a PostgreSQL URL the dbos
+    engine keeps nbagent's store in that database (``--store`` has no
+    meaning); with a ``sqlite:///`` URL (one machine) DBOS uses the SQLite
+    file and nbagent the embedded store (``--store DIR`` or NBAGENT_DIR).
+    """
+    from ._pgstore import is_postgres_url
+
+    engine = args.engine or os.environ.get("NBAGENT_ENGINE") or ("dbos" if args.db else "embedded")
     if engine not in ENGINES:
         raise UsageError(
             f"NBAGENT_ENGINE={engine!r} is not an engine: use one of {', '.join(ENGINES)}."
@@ -216,16 +234,35 @@ def check_engine(args: argparse.Namespace) -> None:
     args.engine = engine
     args.db = args.db or (os.environ.get("NBAGENT_DB_URL") if engine == "dbos" else None)
     if engine == "dbos":
-        # Placeholder: the DBOS engine (issue 7, second part) replaces this refusal.
-        raise UsageError(
-            "the dbos engine is not implemented yet in this version of nbagent. Use "
-            "--engine embedded (the default), or unset NBAGENT_ENGINE."
-        )
+        if not args.db:
+            raise UsageError(
+                "the dbos engine needs a database: pass --db URL or set NBAGENT_DB_URL "
+                "(postgresql://user:password@host:5432/db, or sqlite:///nbagent.sqlite for one "
+                "machine)."
+            )
+        if not (is_postgres_url(args.db) or args.db.startswith("sqlite:")):
+            raise UsageError(
+                f"--db {_masked(args.db)} is neither a PostgreSQL nor a SQLite URL: use "
+                "postgresql://user:password@host:5432/db or sqlite:///path/to/file.sqlite."
+            )
+        if args.store and is_postgres_url(args.db):
+            raise UsageError(
+                "--store DIR is for the embedded store; with a PostgreSQL --db URL the runs "
+                "live in that database. Leave out --store."
+            )
+        return
     if args.db:
         raise UsageError(
             "--db URL is for --engine dbos; the embedded engine keeps runs in a folder "
             "(--store DIR or NBAGENT_DIR)."
         )
+
+
+def _masked(url: str) -> str:
+    """A database URL for messages: a PostgreSQL URL's password masked."""
+    from ._pgstore import is_postgres_url, mask_url
+
+    return mask_url(url) if is_postgres_url(url) or "@" in url else url
 
 
 # -- export ------------------------------------------------------------------------------
@@ -419,8 +456,16 @@ def run_program(
     run_name: str | None = None,
     params: dict[str, str] | None = None,
     out: TextIO | None = None,
+    engine: str = "embedded",
+    db_url: str | None = None,
 ) -> int:
-    """Execute a notebook or module headless with terminal progress; returns the exit code."""
+    """Execute a notebook or module headless with terminal progress; returns the exit code.
+
+    ``engine="dbos"``: the module body runs with :func:`nbagent.dbos_engine.program_runs`
+    (its ``Run`` is a DbosRun on the database's store, its steps DBOS steps) and its
+    ``if __name__ == "__main__":`` block runs as the run's DBOS workflow, so a crashed
+    run is recovered by DBOS when the same command runs again.
+    """
     out = out or sys.stdout
     program = load_program(path_text)
     params = dict(params or {})
@@ -443,12 +488,22 @@ def run_program(
         module.__file__ = program.filename
     progress = Progress(out)
     folder = program.path.resolve().parent
+    dbos: Any = None
+    if engine == "dbos":
+        from . import dbos_engine as dbos
+
+        dbos.launch(db_url)  # errors name the URL and the fix: exit 2
     unhook = on_run_opened(lambda run: progress.watch([run]))
     try:
-        with _as_main(module, str(program.path), folder):
+        with (
+            _as_main(module, str(program.path), folder),
+            dbos.program_runs() if dbos is not None else contextlib.nullcontext(),
+        ):
             exec(compile(tree, program.filename, "exec", dont_inherit=True), module.__dict__)
             progress.watch(_runs_in(module.__dict__))
-            if guard is not None:
+            if dbos is not None:
+                _run_on_dbos(dbos, program, module.__dict__, guard, progress)
+            elif guard is not None:
                 code = compile(
                     ast.Module(body=[guard], type_ignores=[]),
                     program.filename,
@@ -457,6 +512,8 @@ def run_program(
                 )
                 exec(code, module.__dict__)
             progress.watch(_runs_in(module.__dict__))
+    except UsageError:
+        raise
     except KeyboardInterrupt:
         progress.stop_countdown()
         progress.line(
@@ -489,8 +546,66 @@ def run_program(
         return EXIT_FAILED
     finally:
         unhook()
+        if dbos is not None:
+            dbos.shutdown()
     progress.summary()
     return EXIT_OK
+
+
+def _run_on_dbos(
+    dbos: Any,
+    program: Program,
+    namespace: dict[str, Any],
+    guard: ast.If | None,
+    progress: Progress,
+) -> None:
+    """Run the program's main block as the DBOS workflow of its module-level run."""
+    where = program.path.name
+    runs = list({id(v): v for v in namespace.values() if isinstance(v, Run)}.values())
+    if len(runs) != 1:
+        found = f"{len(runs)} ({', '.join(repr(r.name) for r in runs)})" if runs else "none"
+        raise UsageError(
+            f"--engine dbos runs one module-level run as a DBOS workflow, and {where} opens "
+            f'{found}. Open exactly one `run = nbagent.Run("NAME", ...)` at module level.'
+        )
+    if guard is None:
+        raise UsageError(
+            f'{where} has no `if __name__ == "__main__":` block to run as the DBOS workflow. '
+            "Call the steps from one (an exported notebook has it)."
+        )
+    code = compile(ast.Module(body=[guard], type_ignores=[]), program.filename, "exec")
+
+    def main_block() -> None:
+        exec(code, namespace)
+
+    # The workflow names its function by module and file: a run recovered by a later
+    # `nbagent run` of the same program finds this block again (see _dbos.target_of).
+    path = str(program.path.resolve())
+    shim = types.ModuleType("nbagent_agent_" + hashlib.sha1(path.encode()).hexdigest()[:12])
+    shim.__file__ = path
+    main_block.__module__ = shim.__name__
+    main_block.__qualname__ = main_block.__name__
+    sys.modules[shim.__name__] = shim
+    engine = dbos.current_engine()
+    name = runs[0].name
+    status = engine.status(name)
+    where_db = _masked(engine.db_url)
+    if status is None:
+        progress.line(f"◆ DBOS on {where_db}: run {name!r} is workflow {engine.workflow_id(name)}")
+    elif status.status == "PENDING":
+        progress.line(
+            f"◆ DBOS on {where_db}: workflow {status.workflow_id} of run {name!r} did not "
+            "finish; DBOS recovers it (completed steps are not executed again)"
+        )
+    else:
+        progress.line(
+            f"◆ DBOS on {where_db}: run {name!r} ran before (workflow {status.workflow_id}, "
+            f"{status.status}); a new workflow replays its completed steps from the store"
+        )
+    try:
+        dbos.run_workflow(name, main_block, pass_run=False)
+    finally:
+        sys.modules.pop(shim.__name__, None)
 
 
 def _runs_in(namespace: dict[str, Any]) -> list[Run]:
@@ -510,13 +625,19 @@ def _user_frames(tb: types.TracebackType | None, filename: str) -> types.Traceba
 
 def cmd_run(args: argparse.Namespace) -> int:
     _use_store(args)
-    return run_program(args.program, run_name=args.run_name, params=_split_params(args.params))
+    return run_program(
+        args.program,
+        run_name=args.run_name,
+        params=_split_params(args.params),
+        engine=args.engine,
+        db_url=args.db,
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     _use_store(args)
     path = Path(__file__).parent / "examples" / "quickstart.py"
-    code = run_program(str(path), run_name=args.run_name)
+    code = run_program(str(path), run_name=args.run_name, engine=args.engine, db_url=args.db)
     if code == EXIT_OK:
         print(
             "\nRun `python -m nbagent demo` again: every step replays from disk and no LLM "
@@ -670,7 +791,17 @@ def _isatty(stream: TextIO) -> bool:
 
 
 def _store(args: argparse.Namespace) -> Store:
-    """The store named by --store or NBAGENT_DIR; an error if there is none (nothing created)."""
+    """The store named by --store or NBAGENT_DIR; an error if there is none (nothing created).
+
+    With the dbos engine on PostgreSQL (``--db postgresql://...``): nbagent's
+    store in that database.
+    """
+    from ._pgstore import is_postgres_url
+
+    if getattr(args, "engine", None) == "dbos" and is_postgres_url(args.db or ""):
+        from .dbos_engine import open_pg_store
+
+        return open_pg_store(args.db)  # unreachable: a StoreError naming the fix (exit 2)
     folder = Path(args.store).expanduser() if args.store else default_store_dir()
     if not folder.is_dir():
         raise UsageError(

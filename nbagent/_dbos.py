@@ -627,6 +627,35 @@ class DbosRun(Run):
 
         return decorate
 
+    def wrap_cell_step(self, step_name: str, step: Callable[[], None]) -> Callable[[], None]:
+        """An exported notebook cell (:func:`nbagent.cell_step`) as a DBOS step.
+
+        The cell's results are module globals kept in nbagent's store, not a
+        return value: when DBOS returns the step's recorded output without
+        executing it (a recovered workflow), the cell step runs outside DBOS
+        and replays from the store, restoring its globals and output.
+        """
+
+        @functools.wraps(step)
+        def wrapper() -> None:
+            if not _in_workflow():
+                return step()
+            dbos = _import_dbos()
+            ran = False
+
+            def body() -> None:
+                nonlocal ran
+                ran = True
+                step()
+
+            dbos.DBOS.run_step({"name": step_name, "retries_allowed": False}, body)
+            if not ran:
+                step()
+            return None
+
+        wrapper.__nbagent_step__ = step_name  # type: ignore[attr-defined]
+        return wrapper
+
 
 def _dbos_step(
     run: Run,
@@ -666,19 +695,23 @@ def program_runs() -> Iterator[None]:
     """While a program's module code executes, ``nbagent.Run(...)`` makes a :class:`DbosRun`.
 
     For programs written for the embedded engine (a module-level ``run =
-    nbagent.Run(...)`` and ``@run.step`` functions): their steps become DBOS
-    steps and their run uses the engine's store. Then run the program's main
-    block with ``engine.run_workflow(run.name, main, pass_run=False)``.
+    nbagent.Run(...)`` and ``@run.step`` functions, or an exported notebook's
+    ``@nbagent.cell_step`` cells): their steps become DBOS steps and their run
+    uses the engine's store. Then run the program's main block with
+    ``engine.run_workflow(run.name, main, pass_run=False)``. However the
+    program imported it (``nbagent.Run``, ``from nbagent import Run``), ``Run``
+    makes a DbosRun while this is active: keep it active while the main block
+    runs if the program opens runs there too.
     """
-    import nbagent
+    from . import _engine
 
     current_engine()
-    saved = nbagent.Run
-    nbagent.Run = DbosRun  # type: ignore[misc]
+    saved = _engine._run_class
+    _engine._run_class = DbosRun
     try:
         yield
     finally:
-        nbagent.Run = saved  # type: ignore[misc]
+        _engine._run_class = saved
 
 
 def step(

@@ -128,7 +128,10 @@ def cell_step(
             )
 
         step.__nbagent_step__ = step_name  # type: ignore[attr-defined]
-        return step
+        # the run of another engine may execute the step inside its own durable
+        # step (a DbosRun: a DBOS step of the run's workflow)
+        wrap = getattr(run, "wrap_cell_step", None)
+        return wrap(step_name, step) if wrap is not None else step
 
     return decorate
 

@@ -291,20 +291,26 @@ def test_gc_drops_only_runs_older_than_the_age(folder: Path, capsys: Any) -> Non
 # -- engines -----------------------------------------------------------------------------------
 
 
-def test_dbos_engine_is_a_clear_placeholder_for_now(
+def test_engine_choice_errors_name_the_fix(
     folder: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Engine and database checks (runs on DBOS: tests/test_cli_dbos.py)."""
     nb = make_notebook(folder, PLAN)
-    assert main(["run", str(nb), "--engine", "dbos", "--db", "sqlite:///x.db"]) == 2
-    assert "the dbos engine is not implemented yet" in capsys.readouterr().err
+    monkeypatch.delenv("NBAGENT_DB_URL", raising=False)
+    assert main(["run", str(nb), "--engine", "dbos"]) == 2
+    assert "the dbos engine needs a database: pass --db URL" in capsys.readouterr().err
     monkeypatch.setenv("NBAGENT_ENGINE", "dbos")
     assert main(["runs"]) == 2
     monkeypatch.setenv("NBAGENT_ENGINE", "temporal")
     assert main(["runs"]) == 2
     assert "is not an engine" in capsys.readouterr().err
     monkeypatch.delenv("NBAGENT_ENGINE")
-    assert main(["run", str(nb), "--db", "postgresql://localhost/x"]) == 2
+    assert main(["run", str(nb), "--engine", "embedded", "--db", "postgresql://h/x"]) == 2
     assert "--db URL is for --engine dbos" in capsys.readouterr().err
+    assert main(["run", str(nb), "--db", "mysql://u:pw@h/x"]) == 2
+    assert "neither a PostgreSQL nor a SQLite URL" in capsys.readouterr().err
+    assert main(["runs", "--db", "postgresql://h/x", "--store", "s"]) == 2
+    assert "Leave out --store" in capsys.readouterr().err
     assert executions(folder) == []
 
 
