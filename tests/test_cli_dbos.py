@@ -289,3 +289,24 @@ def test_a_program_without_one_module_level_run_is_refused_on_dbos(
     assert code == 2, captured
     assert "opens 2 ('a', 'b')" in captured.err
     assert "never" not in captured.out
+
+
+def test_from_nbagent_import_run_also_runs_on_dbos_on_sqlite(folder: Path) -> None:
+    """``from nbagent import Run`` (not only ``nbagent.Run``) makes the run's steps DBOS steps."""
+    import sqlite3
+
+    (folder / "agent.py").write_text(
+        "from nbagent import Run\n\n"
+        "run = Run('imported', max_cost_usd=1)\n\n\n"
+        "@run.step('double')\n"
+        "def double(x):\n"
+        "    return 2 * x\n\n\n"
+        "if __name__ == '__main__':\n"
+        "    print('result', double(21), type(run).__name__)\n"
+    )
+    done = nbagent_cli("run", "agent.py", "--db", "sqlite:///runs.sqlite")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "result 42 DbosRun" in done.stdout
+    with sqlite3.connect(folder / "runs.sqlite") as db:
+        steps = db.execute("SELECT workflow_uuid, function_name FROM operation_outputs").fetchall()
+    assert steps == [("nbagent:imported", "double")]
