@@ -228,7 +228,7 @@ class _Pending:
         self.args = args
         self.error: BaseException | None = None
         self.last_value: Any = None
-        self.before: dict[str, Any] = {}
+        self.before: dict[str, Any] | NamespaceSnapshot = {}
         self.candidates: list[str] = []
         self.outputs: list[dict[str, Any]] = []
         self.restore: list[Any] = []

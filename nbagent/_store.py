@@ -166,6 +166,22 @@ _RUN_KINDS = ("ctr", "step", "stepidx", "blob", "lock", "llm", "effect")
 #: Value blobs up to this size are written inside the commit transaction.
 _INLINE_BLOB = 1 << 20
 
+_SELECT_RAW = "SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+# diskcache's row for a small value; replaces only a row whose value is not in a file
+_UPSERT_RAW = (
+    "INSERT INTO Cache (key, raw, store_time, expire_time, access_time, access_count, tag, "
+    "size, mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, NULL, 0, 1, NULL, ?) "
+    "ON CONFLICT (key, raw) DO UPDATE SET store_time = excluded.store_time, "
+    "expire_time = NULL, access_time = excluded.access_time, access_count = 0, tag = NULL, "
+    "size = 0, mode = 1, filename = NULL, value = excluded.value WHERE filename IS NULL "
+    "RETURNING rowid"
+)
+_INCR_RAW = (
+    "UPDATE Cache SET value = value + ?, store_time = ? WHERE key = ? AND raw = 1 "
+    "AND mode = 1 AND filename IS NULL AND typeof(value) = 'integer' RETURNING value"
+)
+_DELETE_RAW = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND filename IS NULL"
+
 
 class Store:
     """One nbagent store directory. Safe to share between processes.
@@ -202,6 +218,7 @@ class Store:
             self._kv.add("meta/id", uuid.uuid4().hex)
             self.id = self._kv.get("meta/id")
         self._key = self._signing_key()
+        self._min_file_size: int = self._kv._disk.min_file_size
         self._trace_lock = threading.Lock()
         self._trace_db: sqlite3.Connection | None = None
 
@@ -247,12 +264,35 @@ class Store:
             self._trace_db = db
         return self._trace_db
 
+    # The hot paths (step begin/commit, spend counters) read and write small
+    # rows with one SQL statement each instead of diskcache's get/set/incr
+    # (2-4 statements and its Python around them). The rows are exactly what
+    # diskcache writes for a small str, int or bytes value (raw key, MODE_RAW,
+    # size 0, no file, no expiry), so diskcache reads them back unchanged; any
+    # other row (a value kept in a file, a pickle) goes through diskcache.
+
+    def _raw(self, key: str) -> Any:
+        rows = self._kv._sql(_SELECT_RAW, (key,)).fetchall()
+        if not rows:
+            return None
+        mode, filename, value = rows[0]
+        if mode == diskcache.core.MODE_RAW and filename is None:
+            return value
+        return self._kv.get(key)
+
+    def _put(self, key: str, value: str | bytes) -> None:
+        if len(value) < self._min_file_size:
+            now = time.time()
+            if self._kv._sql(_UPSERT_RAW, (key, now, now, value)).fetchall():
+                return
+        self._kv.set(key, value, retry=True)  # large, or replacing a value kept in a file
+
     def _get_json(self, key: str) -> Any:
-        raw = self._kv.get(key)
+        raw = self._raw(key)
         return None if raw is None else json.loads(raw)
 
     def _set_json(self, key: str, value: Any) -> None:
-        self._kv.set(key, json.dumps(value, default=str))
+        self._put(key, json.dumps(value, default=str))
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -278,7 +318,7 @@ class Store:
         return bytes(payload) if len(payload) < 1 << 20 else payload  # type: ignore[return-value]
 
     def put_blob(self, key: str, payload: bytes) -> None:
-        self._kv.set(f"blob/{key}", self.sign(payload))
+        self._put(f"blob/{key}", self.sign(payload))
 
     def get_blob(self, key: str) -> bytes | None:
         """Verified payload; None if missing. Raises StoreError if tampered."""
@@ -314,10 +354,14 @@ class Store:
         return list(self._get_json("runs") or [])
 
     def counter(self, run: str, name: str) -> int:
-        return int(self._kv.get(f"ctr/{run}/{name}", 0))
+        return int(self._raw(f"ctr/{run}/{name}") or 0)
 
     def incr(self, run: str, name: str, delta: int = 1) -> int:
-        return int(self._kv.incr(f"ctr/{run}/{name}", delta, default=0, retry=True))
+        key = f"ctr/{run}/{name}"
+        rows = self._kv._sql(_INCR_RAW, (delta, time.time(), key)).fetchall()
+        if rows:
+            return int(rows[0][0])
+        return int(self._kv.incr(key, delta, default=0, retry=True))  # first increment
 
     def drop_run(self, run: str) -> int:
         """Delete a run and everything kept for it (steps, values, counters, ledger, trace).
@@ -380,9 +424,9 @@ class Store:
             ordinal = old.get("ordinal")
             if ordinal is None:
                 ordinal = self.incr(run, "step_seq")
-                self._kv.set(f"stepidx/{run}/{ordinal}", step_id)
+                self._put(f"stepidx/{run}/{ordinal}", step_id)
             self._set_json(f"step/{run}/{step_id}", {**record, "ordinal": ordinal})
-            self._kv.delete(f"lock/{run}/{step_id}")
+            self.release_lock(run, step_id)
         for name in set(old.get("saved", [])) - set(blobs):
             self.delete_blob(f"{run}/{step_id}/{name}")
 
@@ -440,7 +484,9 @@ class Store:
         return None if owner is None or mine else owner
 
     def release_lock(self, run: str, step_id: str) -> None:
-        self._kv.delete(f"lock/{run}/{step_id}", retry=True)
+        key = f"lock/{run}/{step_id}"
+        if not self._kv._sql(_DELETE_RAW, (key,)).rowcount:
+            self._kv.delete(key, retry=True)  # no lock, or one kept in a file
 
     # -- key-value records for the LLM ledger and side effects ---------------
 

@@ -51,3 +51,33 @@ def test_snapshot_matches_user_globals() -> None:
     snap = NamespaceSnapshot(ns)
     reinsert(ns)
     assert names_to_store(ns, snap, [], {}) == ([], [])
+
+
+def test_raw_rows_are_diskcache_rows(tmp_path: Any) -> None:
+    """Values written by the store's one-statement paths read back through diskcache itself."""
+    from nbagent._store import Store
+
+    st = Store(tmp_path / "s")
+    kv = st._kv
+    st._set_json("k/small", {"a": 1})
+    assert kv.get("k/small") == '{"a": 1}'
+    big = "x" * (st._min_file_size + 10)
+    st._put("k/file", big)  # too big for a row: diskcache keeps it in a file
+    assert kv.get("k/file") == big and st._raw("k/file") == big
+    files = {p for p in (tmp_path / "s").rglob("*.val")}
+    assert files
+    st._put("k/file", "small again")  # replaces the file (removed by diskcache)
+    assert kv.get("k/file") == "small again"
+    assert not any(p.exists() for p in files)
+    st._put("k/bytes", b"\x00\x01")
+    assert kv.get("k/bytes") == b"\x00\x01"
+    assert [st.incr("r", "n") for _ in range(3)] == [1, 2, 3]
+    assert kv.get("ctr/r/n") == 3 and st.counter("r", "n") == 3
+    assert st.incr("r", "n", -3) == 0
+    count = len(kv)
+    st.acquire_lock("r", "s#1")
+    assert len(kv) == count + 1
+    st.release_lock("r", "s#1")
+    st.release_lock("r", "s#1")  # absent: a no-op
+    assert len(kv) == count
+    assert kv.check() == []
