@@ -278,6 +278,10 @@ class Unrestored:
 
     __getattr__ = __call__ = __iter__ = __len__ = __getitem__ = __enter__ = _fail
     __setattr__ = __bool__ = __await__ = _fail  # type: ignore[assignment]
+    # `with x:` / `async with x:` look both methods up on the type before calling either:
+    # without the exit half a lock used in a `with` fails with a bare TypeError
+    __exit__ = __aenter__ = __aexit__ = __contains__ = __next__ = _fail
+    __setitem__ = __delitem__ = _fail
 
     def __repr__(self) -> str:
         return f"<{self._name}: not restored, made by step {self._step!r} ({self._reason})>"

@@ -39,7 +39,9 @@ from nbclient import NotebookClient
 failed = []
 for path in sys.argv[1:]:
     nb = nbformat.read(path, as_version=4)
-    nb.cells = [c for c in nb.cells if "# NBVAL_SKIP" not in c.source]
+    nb.cells = [c for c in nb.cells if not any(
+        l.strip().startswith("#") and l.strip().lstrip("#").strip() == "NBVAL_SKIP"
+        for l in c.source.splitlines())]
     t0 = time.monotonic()
     try:
         NotebookClient(nb, timeout=600, kernel_name="python3",

@@ -19,7 +19,7 @@ so building twice gives the same bytes (where only a masked value, e.g. a durati
 the committed output is kept). It is executed with nbclient in a fresh temporary
 ``NBAGENT_DIR`` / ``NBAGENT_KEY_DIR`` with ``NBAGENT_TIME_SCALE=0`` and without
 ``OPENAI_API_KEY`` (the simulated LLM), the same environment the nbval run gets from
-``notebooks/conftest.py``. Cells containing ``# NBVAL_SKIP`` are not executed (a cell that kills
+the repository's ``conftest.py``. Cells with a ``# NBVAL_SKIP`` comment line are not executed (a cell that kills
 the kernel on purpose). Widget state is not saved (it holds timings) and widget views are
 dropped from the outputs (they name random model ids that would point at nothing): a committed
 notebook shows each widget's text/plain summary, on GitHub too, and the live widget once run.
@@ -47,7 +47,6 @@ NOTEBOOKS = ROOT / "notebooks"
 SANITIZE = NOTEBOOKS / "nbval-sanitize.cfg"
 
 MARKER = re.compile(r"^# %%(?P<rest>.*)$")
-SKIP = "# NBVAL_SKIP"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 LANGUAGE_INFO = {
@@ -125,6 +124,14 @@ def source_notebook(source: Path) -> Any:
     return nb
 
 
+def is_skipped(source: str) -> bool:
+    """nbval's rule: a comment line that is exactly ``# NBVAL_SKIP`` (any number of ``#``)."""
+    return any(
+        line.strip().startswith("#") and line.strip().lstrip("#").strip() == "NBVAL_SKIP"
+        for line in source.splitlines()
+    )
+
+
 def execution_env(store: Path) -> dict[str, str]:
     """The environment lessons are built and validated in: fresh store, no waits, simulator."""
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
@@ -159,7 +166,7 @@ def execute(nb: Any, cwd: Path, env: dict[str, str]) -> None:
             for i, cell in enumerate(nb.cells):
                 if cell.cell_type != "code":
                     continue
-                if SKIP in cell.source:
+                if is_skipped(cell.source):
                     continue
                 index += 1
                 client.execute_cell(cell, i, execution_count=index)

@@ -10,64 +10,58 @@ completed steps replay from disk instead of calling the model again.
 
 from __future__ import annotations
 
-import hashlib
-import time
+import json
 
 import nbagent
 
-GOAL = "How do durable execution engines let long-running agents survive crashes?"
+#: the research goal (a topic; the planner turns it into sub-questions)
+GOAL = "crash recovery in long-running LLM agents"
 RUN_NAME = "quickstart"
 #: seconds each simulated model call takes, so there is time to interrupt the run
 THINK_S = 0.3
 
 run = nbagent.Run(RUN_NAME, max_cost_usd=0.50, max_steps=20, max_llm_calls=20)
 
+#: the traced openai client: the real model with OPENAI_API_KEY, else the simulated LLM
+#: (offline, priced as if real). Every call is reserved against the $0.50 cap, traced with its
+#: tokens and cost, retried by policy, and answered from the ledger if a crashed step re-runs.
+client = nbagent.default_client(run)
+if getattr(client, "nbagent_sim", None) is not None:
+    client.nbagent_sim.latency_s = THINK_S
+
 
 def ask_llm(prompt: str) -> str:
-    """A deterministic stand-in for the model: the same prompt gives the same text.
-
-    TODO(llm client): replace the body with a real call through nbagent's client
-    (``nbagent.simulated_client()`` offline, ``nbagent.openai_client()`` with
-    OPENAI_API_KEY), which reserves the worst-case cost against the run's cap,
-    records tokens and cost in the trace, and never repeats a recorded call.
-    """
-    time.sleep(THINK_S)
-    digest = hashlib.sha256(prompt.encode()).hexdigest()[:6]
-    if prompt.startswith("Split"):
-        return "\n".join(
-            [
-                "What state must a step checkpoint to be replayable?",
-                "How does an engine tell a finished step from an interrupted one?",
-                "What keeps a side effect from happening twice after a crash?",
-            ]
-        )
-    if prompt.startswith("Answer"):
-        return f"A short answer, grounded in the sources ({digest})."
-    return f"Report: durable agents checkpoint each step and replay what finished ({digest})."
+    """One chat completion; ``max_tokens`` bounds the cost reserved against the cap."""
+    response = client.chat.completions.create(
+        model=client.nbagent_model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=300,
+    )
+    return response.choices[0].message.content or ""
 
 
 @run.step("plan")
 def plan(goal: str) -> list[str]:
     """Split the goal into sub-questions."""
-    return ask_llm(f"Split into 3 sub-questions, one a line: {goal}").splitlines()
+    reply = ask_llm(f"Break this goal into 3 sub-questions, one per line.\nGoal: {goal}")
+    return [line.split(". ", 1)[-1] for line in reply.splitlines() if line.strip()]
 
 
 @run.step("research", retries=2, timeout=60)
 def research(question: str) -> str:
     """Answer one sub-question (one step per question: a crash loses at most one)."""
-    return ask_llm(f"Answer briefly: {question}")
+    return ask_llm(f"Answer briefly, citing a source.\nQuestion: {question}")
 
 
 @run.step("synthesize")
-def synthesize(goal: str, findings: list[str]) -> str:
-    """Write the report from the findings."""
-    notes = "\n".join(f"- {finding}" for finding in findings)
-    return ask_llm(f"Write a report on {goal!r} from these notes:\n{notes}")
+def synthesize(goal: str, findings: list[dict[str, str]]) -> str:
+    """Write one cited answer from the findings."""
+    return ask_llm(f"Write a cited final report.\nGoal: {goal}\nFindings: {json.dumps(findings)}")
 
 
 def main() -> str:
     questions = plan(GOAL)
-    findings = [research(question) for question in questions]
+    findings = [{"question": q, "answer": research(q)} for q in questions]
     report = synthesize(GOAL, findings)
     print(report)
     return report
