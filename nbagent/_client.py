@@ -47,8 +47,10 @@ Per request, :class:`TracedTransport` (and its async twin) does, in order:
    is a second billed call with its own reservation; if the cap refuses it, the first
    response is returned. Streams are not validated (their bytes already reached the caller).
 6. **Idempotency.** Every request carries ``Idempotency-Key: <step key>:call:<position>``
-   (``run:R:call:N`` outside a step, ``N`` a stored per-run counter), the same across
-   retries, kernel restarts and processes; the feedback re-send appends ``:feedback``.
+   (outside a step ``run:R:call:N``, ``N`` the run's stored LLM-call counter taken in the
+   reservation's transaction; ``run:R:request:N`` for unpriced endpoints), the same
+   across retries, kernel restarts and processes; the feedback re-send appends
+   ``:feedback``. A caller's own ``Idempotency-Key`` header is kept.
 
 Streams. Bytes flow through to the SDK live, cut at SSE event boundaries (the SDK cannot
 use a partial event anyway), and are teed. A chat stream without
@@ -83,7 +85,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -97,6 +99,7 @@ from ._retry import (
     AsyncRetrier,
     AttemptInfo,
     BreakerOpenError,
+    CircuitBreaker,
     PolicyLike,
     ResponseStatusError,
     Retrier,
@@ -265,11 +268,15 @@ def _api_of(request: httpx2.Request) -> Api | None:
     return None
 
 
+_AUTH_HEADERS = frozenset({b"authorization", b"api-key", b"x-api-key"})
+
+
 def _secrets_of(request: httpx2.Request) -> list[str]:
+    """The credentials a request carries (masked wherever they appear in stored text)."""
     found = []
-    for name in ("authorization", "api-key", "x-api-key"):
-        value = request.headers.get(name)
-        if value:
+    for name, raw in request.headers.raw:
+        if name.lower() in _AUTH_HEADERS and raw:
+            value = raw.decode("latin-1")
             value = value.split(" ", 1)[1] if value.lower().startswith("bearer ") else value
             if len(value) >= 8:
                 found.append(value)
@@ -383,7 +390,6 @@ class _Core:
     def prepare(self, request: httpx2.Request) -> _Call:
         run = self.bound_run or current_run(required=True)
         assert run is not None
-        run.check_not_stopped()
         ctx = current_step()
         if ctx is not None and ctx.run is not run:
             ctx = None  # a client bound to another run: not part of this step
@@ -403,10 +409,9 @@ class _Core:
             api or "", request.url.path
         )
         position = ctx.next_call() if ctx is not None else None
-        if ctx is not None:
-            idem = f"{ctx.idempotency_key()}:call:{position}"
-        else:
-            idem = f"run:{run.name}:call:{run.store.incr(run.name, 'call_seq')}"
+        # outside a step the key comes from the run's stored call counter, read in the
+        # reservation's transaction (see reserve)
+        idem = f"{ctx.idempotency_key()}:call:{position}" if ctx is not None else ""
         call = _Call(
             run=run,
             ctx=ctx,
@@ -423,8 +428,13 @@ class _Core:
             call.ledger_key = f"{run.name}/{ctx.step_id}/{position}/{digest}"
         if body is not None:
             call.stream = bool(body.get("stream"))
-        request.headers["Idempotency-Key"] = idem
         return call
+
+    def assign_key(self, call: _Call) -> None:
+        """Outside a step, an unpriced request's key: ``run:R:request:N`` (stored counter)."""
+        if not call.idem_key:
+            seq = call.run.store.incr(call.run.name, "request_seq")
+            call.idem_key = f"run:{call.run.name}:request:{seq}"
 
     def request_text(self, call: _Call, raw: bytes) -> str:
         text = raw.decode("utf-8", "replace")
@@ -463,6 +473,7 @@ class _Core:
         return rec
 
     def replay(self, call: _Call, rec: dict[str, Any], request: httpx2.Request) -> httpx2.Response:
+        call.run.check_not_stopped()
         text = rec["body"]
         body = base64.b64decode(text) if rec.get("enc") == "b64" else text.encode("utf-8")
         usage = rec.get("usage") or [0, 0, 0, 0]
@@ -535,7 +546,14 @@ class _Core:
             worst = (prompt * UNKNOWN_MODEL_RATES[0] + output * UNKNOWN_MODEL_RATES[1]) / 1e6
         what = f"this {model} call"
         try:
-            call.reservation = call.run.reserve(worst, what=what)
+            store = call.run.store
+            with store.transaction():
+                call.reservation = call.run.reserve(worst, what=what)
+                if not call.idem_key:
+                    # outside a step: the run's call counter, just incremented by the
+                    # reservation in this same transaction, makes ``run:R:call:N`` unique
+                    n = store.counter(call.run.name, "llm_calls")
+                    call.idem_key = f"run:{call.run.name}:call:{n}"
         except NbagentError as exc:
             call.attempt += 1
             self.row(call, status="refused", error=f"{type(exc).__name__}: {exc}", latency=0.0)
@@ -603,7 +621,7 @@ class _Core:
             reasoning_tokens=reasoning,
             cost_usd=cost,
             latency_s=latency,
-            idempotency_key=call.idem_key,
+            idempotency_key=call.idem_key or None,
             replayed=int(replayed),
             price_known=None if known is None else int(known),
             request=call.request_text,
@@ -695,12 +713,7 @@ class _Core:
         usage = None
         if isinstance(data, dict) and call.api is not None:
             usage = _usage_numbers(call.api, data.get("usage"))
-        if usage is None:
-            self.settle(call, None)  # no usage reported: bill the upper bound
-            cost = call.reservation / NANO
-        else:
-            cost = self.price(call, usage)
-            self.settle(call, cost)
+        cost = call.reservation / NANO if usage is None else self.price(call, usage)
         problem, feedback = None, None
         if call.api == "chat" and isinstance(data, dict) and self.feedback:
             problem, feedback = _tool_problems(call.body or {}, data)
@@ -710,6 +723,10 @@ class _Core:
             error = f"ToolValidationError: {problem}"
             error += " (re-sent once with the error fed back)" if retry else " (returned as is)"
         text = content.decode("utf-8", "replace")
+        with call.run.store.transaction():  # one commit for the settlement and the ledger
+            self.settle(call, cost)  # no usage reported: billed at the reservation
+            if not retry:
+                self.write_ledger(call, response, content, usage, cost, text)
         self.row(
             call,
             status="error" if retry else "ok",
@@ -720,10 +737,7 @@ class _Core:
             detail=None if usage else {"usage": "not reported: billed at the reservation"},
         )
         call.extra["last"] = (usage, cost, text)
-        if retry:
-            return feedback
-        self.write_ledger(call, response, content, usage, cost, text)
-        return None
+        return feedback if retry else None
 
     def feedback_request(
         self, call: _Call, request: httpx2.Request, messages: list[dict[str, Any]]
@@ -952,11 +966,15 @@ class _StreamTee:
             text = json.dumps(self.assembled(), ensure_ascii=False)
             if self.usage is not None:
                 cost = core.price(call, self.usage)
-                core.settle(call, cost)
             else:
-                core.settle(call, None)
-                cost = call.reservation / NANO
+                cost = call.reservation / NANO  # the upper bound: the server may have billed it
             complete = self.done and self.error is None
+            with call.run.store.transaction():
+                core.settle(call, cost)
+                if complete:
+                    core.write_ledger(
+                        call, self.response, b"".join(self.sent), self.usage, cost, text
+                    )
             error = None
             if self.error is not None:
                 error = f"{type(self.error).__name__}: {self.error}"
@@ -974,8 +992,6 @@ class _StreamTee:
                 response=text,
                 detail=detail,
             )
-            if complete:
-                core.write_ledger(call, self.response, b"".join(self.sent), self.usage, cost, text)
         except Exception:  # finishing runs in close()/finally: never break the caller's stream
             log.exception("nbagent: could not record a finished LLM stream")
 
@@ -1045,6 +1061,38 @@ class _TracedAsyncStream(httpx2.AsyncByteStream):
 # --------------------------------------------------------------------------- transports
 
 
+def _breaker_clean(breaker: CircuitBreaker) -> bool:
+    """Closed, with no rate-limit failure counted: a success needs no breaker update."""
+    return breaker.opened_at is None and breaker.consecutive_failures == 0
+
+
+def _replaying(
+    exc: BaseException, send: Callable[[], httpx2.Response]
+) -> Callable[[], httpx2.Response]:
+    """``send`` whose first call re-raises ``exc`` (the fast path's failed first attempt)."""
+    pending = [exc]
+
+    def again() -> httpx2.Response:
+        if pending:
+            raise pending.pop()
+        return send()
+
+    return again
+
+
+def _areplaying(
+    exc: BaseException, send: Callable[[], Awaitable[httpx2.Response]]
+) -> Callable[[], Awaitable[httpx2.Response]]:
+    pending = [exc]
+
+    async def again() -> httpx2.Response:
+        if pending:
+            raise pending.pop()
+        return await send()
+
+    return again
+
+
 class TracedTransport(httpx2.BaseTransport):
     """An httpx2 transport that traces, caps, retries and ledgers LLM calls (see module doc).
 
@@ -1075,6 +1123,8 @@ class TracedTransport(httpx2.BaseTransport):
         if rec is not None:
             return core.replay(call, rec, request)
         if call.api is None or call.body is None:
+            call.run.check_not_stopped()
+            self.core.assign_key(call)
             return self._send(call, request)
         core.reserve(call, call.body)
         request = core.add_stream_usage(call, request)
@@ -1112,6 +1162,7 @@ class TracedTransport(httpx2.BaseTransport):
     def _send(self, call: _Call, request: httpx2.Request) -> httpx2.Response:
         core = self.core
         first = call.attempt + 1
+        request.headers.setdefault("Idempotency-Key", call.idem_key)
 
         def send() -> httpx2.Response:
             call.attempt += 1
@@ -1123,18 +1174,29 @@ class TracedTransport(httpx2.BaseTransport):
                 raise ResponseStatusError(response)
             return response
 
+        breaker = breaker_for(core.endpoint(request))
+        fn = send
+        if _breaker_clean(breaker):
+            # Fast path (most calls): the first attempt runs without the retry machinery
+            # (~50 µs of tenacity set-up). A failure is handed to the Retrier as its first
+            # attempt, so classification, waits, rows and alerts are exactly the same.
+            try:
+                response = send()
+            except BaseException as exc:
+                fn = _replaying(exc, send)
+            else:
+                if call.api is None:
+                    core.row(call, status="ok")
+                return response
         retrier = Retrier(
-            core.policy,
-            breaker=breaker_for(core.endpoint(request)),
-            on_attempt=lambda info: core.on_attempt(call, info),
+            core.policy, breaker=breaker, on_attempt=lambda info: core.on_attempt(call, info)
         )
         try:
-            response = retrier(send)
+            response = retrier(fn)
         except ResponseStatusError as exc:
             return exc.response  # type: ignore[no-any-return]
         if call.api is None:  # other endpoints: traced, unpriced
-            call.t_attempt = call.t_attempt or time.perf_counter()
-            core.row(call, status="ok", response=None)
+            core.row(call, status="ok")
         return response
 
     def close(self) -> None:
@@ -1164,6 +1226,8 @@ class AsyncTracedTransport(httpx2.AsyncBaseTransport):
         if rec is not None:
             return core.replay(call, rec, request)
         if call.api is None or call.body is None:
+            call.run.check_not_stopped()
+            self.core.assign_key(call)
             return await self._send(call, request)
         core.reserve(call, call.body)
         request = core.add_stream_usage(call, request)
@@ -1200,6 +1264,7 @@ class AsyncTracedTransport(httpx2.AsyncBaseTransport):
     async def _send(self, call: _Call, request: httpx2.Request) -> httpx2.Response:
         core = self.core
         first = call.attempt + 1
+        request.headers.setdefault("Idempotency-Key", call.idem_key)
 
         async def send() -> httpx2.Response:
             call.attempt += 1
@@ -1211,17 +1276,26 @@ class AsyncTracedTransport(httpx2.AsyncBaseTransport):
                 raise ResponseStatusError(response)
             return response
 
+        breaker = breaker_for(core.endpoint(request))
+        fn: Callable[[], Awaitable[httpx2.Response]] = send
+        if _breaker_clean(breaker):  # fast path, see TracedTransport._send
+            try:
+                response: httpx2.Response = await send()
+            except BaseException as exc:
+                fn = _areplaying(exc, send)
+            else:
+                if call.api is None:
+                    core.row(call, status="ok")
+                return response
         retrier = AsyncRetrier(
-            core.policy,
-            breaker=breaker_for(core.endpoint(request)),
-            on_attempt=lambda info: core.on_attempt(call, info),
+            core.policy, breaker=breaker, on_attempt=lambda info: core.on_attempt(call, info)
         )
         try:
-            response: httpx2.Response = await retrier(send)
+            response = await retrier(fn)
         except ResponseStatusError as exc:
             return exc.response  # type: ignore[no-any-return]
         if call.api is None:
-            core.row(call, status="ok", response=None)
+            core.row(call, status="ok")
         return response
 
     async def aclose(self) -> None:
