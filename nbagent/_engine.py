@@ -137,6 +137,14 @@ _run_class: type[Run] | None = None
 _run_opened_hooks: list[Callable[[Run], None]] = []
 
 
+def _owner_key() -> str:
+    """This process, as the owner of reservations: host|pid|start time."""
+    from ._store import _me
+
+    me = _me()
+    return f"{me['host']}|{me['pid']}|{me['pstart'] or ''}"
+
+
 def on_run_opened(hook: Callable[[Run], None]) -> Callable[[], None]:
     """Call ``hook(run)`` whenever a Run is opened in this process; returns an unhook function.
 
@@ -292,6 +300,9 @@ class Run:
         changes = {k: v for k, v in wanted.items() if v is not None and v != record["caps"].get(k)}
         if changes:
             self.set_cap(**changes, reason="opened with new caps")  # type: ignore[arg-type]
+        self._owner_known: str | None = None
+        if self.store.get_record("resv", self.name):
+            self.reclaim_reservations()
         if activate:
             self.activate()
         for hook in list(_run_opened_hooks):
@@ -468,6 +479,7 @@ class Run:
             if refusal is None:
                 store.incr(self.name, "reserved_nusd", worst)
                 store.incr(self.name, "llm_calls", 1)
+                self._own_reservation(worst)
         if refusal is not None:
             self.record_event(
                 kind="cap",
@@ -499,8 +511,49 @@ class Run:
         actual = max(0, math.ceil(actual_usd * NANO))
         with self.store.transaction():
             self.store.incr(self.name, "reserved_nusd", -reservation)
+            self._own_reservation(-reservation)
             spent = self.store.incr(self.name, "spend_nusd", actual)
         return spent / NANO
+
+    # Reservations are also counted per process, so that the reservation of a call
+    # in flight when its process was killed can be given back: it was never settled.
+
+    def _own_reservation(self, delta: int) -> None:
+        """Count ``delta`` against this process's reservations (inside a transaction)."""
+        owner = _owner_key()
+        if self._owner_known != owner:
+            owners = self.store.get_record("resv", self.name) or []
+            if owner not in owners:
+                self.store.set_record("resv", self.name, [*owners, owner])
+            self._owner_known = owner
+        self.store.incr(self.name, f"resv:{owner}", delta)
+
+    def reclaim_reservations(self) -> float:
+        """Give back reservations held by processes that died mid-call; returns USD freed."""
+        from ._store import _alive
+
+        freed = 0
+        with self.store.transaction():
+            owners = self.store.get_record("resv", self.name) or []
+            alive = []
+            for owner in owners:
+                host, pid, pstart = owner.split("|")
+                if _alive({"host": host, "pid": int(pid), "pstart": pstart or None}):
+                    alive.append(owner)
+                    continue
+                held = self.store.counter(self.name, f"resv:{owner}")
+                if held:
+                    self.store.incr(self.name, "reserved_nusd", -held)
+                    freed += held
+                self.store.delete_record("ctr", f"{self.name}/resv:{owner}")
+            if alive != owners:
+                self.store.set_record("resv", self.name, alive)
+        if freed:
+            self.record_event(
+                kind="cap", name="reservation", status="reclaimed", cost_usd=freed / NANO,
+                detail={"reason": "a process died during an LLM call; its reservation was never settled"},
+            )  # fmt: skip
+        return freed / NANO
 
     # -- events and alerts ------------------------------------------------------
 
