@@ -456,7 +456,7 @@ class Run:
             if caps.get("llm_calls") is not None and calls + 1 > caps["llm_calls"]:
                 refusal = StepCapExceeded(
                     f"LLM call cap reached: run {self.name!r} made {calls} of its "
-                    f"max_llm_calls={caps['llm_calls']} calls — possible loop. {what} was not sent. "
+                    f"max_llm_calls={caps['llm_calls']} calls — possible loop: {what} was not sent. "
                     "Raise the cap on purpose with `%nbagent cap --llm-calls N` or "
                     "run.set_cap(llm_calls=N)."
                 )
@@ -586,7 +586,8 @@ class Run:
             "ts": time.time(),
             "run": self.name,
         }
-        log.warning("nbagent alert [%s] run %s step %s: %s", kind, self.name, step, message)
+        where = f"run {self.name} step {step}" if step else f"run {self.name}"
+        log.warning("nbagent alert [%s] %s: %s", kind, where, message)
         self.record_event(kind="alert", name=kind, step=step, status="alert", error=message)
         self._emit({"type": "alert", **alert})
         for hook in list(self._alert_hooks):
