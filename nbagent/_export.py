@@ -178,12 +178,27 @@ def export_cells(cells: list[Any], filename: str) -> str:
             "(e.g. `%%step plan`), then export again."
         )
     names: dict[str, _Chunk] = {}
-    for c in steps:
+    for c in list(steps):
         assert c.step is not None
-        if c.step.name in names:
+        first = names.get(c.step.name)
+        if first is not None and (first.code.strip(), vars(first.step)) == (
+            c.code.strip(),
+            vars(c.step),
+        ):
+            # the same step cell again, unchanged: in the notebook running it replays the
+            # step (a lesson shows that); in the module there is nothing to do
+            steps.remove(c)
+            chunks[chunks.index(c)] = _Chunk(
+                c.cell,
+                f"# (cell {c.cell} repeats step {c.step.name!r} unchanged: in the notebook, a "
+                "replay from disk)",
+                c.first_line,
+            )
+            continue
+        if first is not None:
             raise ExportError(
                 f"cell {c.cell}: step name {c.step.name!r} is already used by cell "
-                f"{names[c.step.name].cell}; step names must be unique within a run. Rename "
+                f"{first.cell}; step names must be unique within a run. Rename "
                 f"one, e.g. `%%step {c.step.name}-2`, and export again."
             )
         names[c.step.name] = c
@@ -403,7 +418,9 @@ class _Module:
         parts: list[str] = []
         setup = "\n\n".join(self._module_code(c) for c in self.setup)
         has_run = _RUN_PLACEHOLDER in setup
-        imports = "" if re.search(r"^import nbagent$", setup, re.M) else "import nbagent"
+        # the run line needs nbagent: imported above it (a notebook may import it only later)
+        before_run = setup.split(_RUN_PLACEHOLDER, 1)[0]
+        imports = "" if re.search(r"^import nbagent$", before_run, re.M) else "import nbagent"
         top = "\n\n".join(p for p in (imports, setup) if p)
         if not has_run:
             top += "\n\n" + self._run_line()

@@ -251,6 +251,33 @@ def test_duplicate_step_names(tmp_path: Path) -> None:
         export_notebook(write(nb, tmp_path / "dup.ipynb"))
 
 
+def test_a_step_cell_repeated_unchanged_is_a_replay_and_the_run_line_has_its_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """The quickstart lesson's shape: `%nbagent start` before `import nbagent`, and the
+    `plan` cell shown again to demonstrate a replay."""
+    nb = new_notebook()
+    nb.cells = [
+        new_code_cell("%load_ext nbagent\n%nbagent start again --cap-usd 1"),
+        new_code_cell("import nbagent\n\nGOAL = 'x'"),
+        new_code_cell("%%step plan\nplan = [GOAL]\nprint(plan)"),
+        new_markdown_cell("Run the same cell again: a replay."),
+        new_code_cell("%%step plan\nplan = [GOAL]\nprint(plan)"),
+    ]
+    path = write(nb, tmp_path / "again.ipynb")
+    source = export_notebook(path)
+    assert source.index("import nbagent\n") < source.index('nbagent.Run("again"')
+    assert source.count("@nbagent.cell_step") == 1
+    assert "# (cell 5 repeats step 'plan' unchanged: in the notebook, a replay from disk)" in source
+    assert "Run the same cell again" not in source
+    monkeypatch.chdir(tmp_path)
+    assert run_program(str(path)) == 0
+    assert "['x']" in capsys.readouterr().out
+    nb.cells[4] = new_code_cell("%%step plan --retries 1\nplan = [GOAL]\nprint(plan)")
+    with pytest.raises(ExportError, match=r"cell 5: step name 'plan' is already used by cell 3"):
+        export_notebook(write(nb, path))
+
+
 def test_bad_step_options_and_captured_shell_output(tmp_path: Path) -> None:
     nb = research_notebook(new_code_cell("%%step a --retries many\nx = 1"))
     with pytest.raises(ExportError, match=r"cell 1: cannot read `%%step a --retries many`"):
