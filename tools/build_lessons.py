@@ -20,7 +20,8 @@ the committed output is kept). It is executed with nbclient in a fresh temporary
 ``NBAGENT_DIR`` / ``NBAGENT_KEY_DIR`` with ``NBAGENT_TIME_SCALE=0`` and without
 ``OPENAI_API_KEY`` (the simulated LLM), the same environment the nbval run gets from
 the repository's ``conftest.py``. Cells with a ``# NBVAL_SKIP`` comment line are not executed (a cell that kills
-the kernel on purpose). Widget state is not saved (it holds timings) and widget views are
+the kernel on purpose); an error in a cell fails the build unless the cell is marked
+``# NBVAL_RAISES_EXCEPTION``. Widget state is not saved (it holds timings) and widget views are
 dropped from the outputs (they name random model ids that would point at nothing): a committed
 notebook shows each widget's text/plain summary, on GitHub too, and the live widget once run.
 nbval ignores widget views, so validation is unaffected.
@@ -124,12 +125,16 @@ def source_notebook(source: Path) -> Any:
     return nb
 
 
-def is_skipped(source: str) -> bool:
-    """nbval's rule: a comment line that is exactly ``# NBVAL_SKIP`` (any number of ``#``)."""
+def has_marker(source: str, marker: str) -> bool:
+    """nbval's rule: a comment line that is exactly ``# MARKER`` (any number of ``#``)."""
     return any(
-        line.strip().startswith("#") and line.strip().lstrip("#").strip() == "NBVAL_SKIP"
+        line.strip().startswith("#") and line.strip().lstrip("#").strip() == marker
         for line in source.splitlines()
     )
+
+
+def is_skipped(source: str) -> bool:
+    return has_marker(source, "NBVAL_SKIP")
 
 
 def execution_env(store: Path) -> dict[str, str]:
@@ -148,6 +153,7 @@ def execution_env(store: Path) -> dict[str, str]:
 def execute(nb: Any, cwd: Path, env: dict[str, str]) -> None:
     """Run every cell not marked NBVAL_SKIP, in order, in one fresh kernel."""
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
 
     client = NotebookClient(
         nb,
@@ -169,7 +175,11 @@ def execute(nb: Any, cwd: Path, env: dict[str, str]) -> None:
                 if is_skipped(cell.source):
                     continue
                 index += 1
-                client.execute_cell(cell, i, execution_count=index)
+                try:
+                    client.execute_cell(cell, i, execution_count=index)
+                except CellExecutionError:
+                    if not has_marker(cell.source, "NBVAL_RAISES_EXCEPTION"):
+                        raise  # an unexpected error: the lesson is broken
     finally:
         os.environ.clear()
         os.environ.update(saved)
