@@ -1435,7 +1435,8 @@ def default_client(
 
     The simulated case prints one line (once per process) saying so and how to use a real
     model. ``client.nbagent_model`` is ``model``, else ``$NBAGENT_MODEL``, else
-    ``"gpt-4o-mini"``.
+    ``"gpt-4o-mini"``. ``$NBAGENT_SIM_LATENCY_S`` sets the simulated model's time to first
+    byte (default 0): time to interrupt a headless run mid-step, as a lesson does.
     """
     global _notice_shown
     chosen = model or os.environ.get("NBAGENT_MODEL") or "gpt-4o-mini"
@@ -1448,4 +1449,12 @@ def default_client(
     if not _notice_shown:
         _notice_shown = True
         print(_SIMULATOR_NOTICE, file=sys.stdout, flush=True)
+    latency = os.environ.get("NBAGENT_SIM_LATENCY_S")
+    if latency and "latency_s" not in kwargs and "sim" not in kwargs:
+        try:
+            kwargs["latency_s"] = float(latency)
+        except ValueError:
+            raise NbagentError(
+                f"NBAGENT_SIM_LATENCY_S={latency!r} is not a number of seconds (e.g. 0.5)."
+            ) from None
     return simulated_client(run=run, async_=async_, model=chosen, **kwargs)
