@@ -144,6 +144,11 @@ class _Hasher:
 
             self.tag(f"ndarray:{obj.dtype.str}:{obj.shape};")
             h.update(np.ascontiguousarray(obj).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+        elif _is_handle(t):
+            token = opaque_token(obj)
+            if not self.active:
+                self.top_opaque = token
+            self.tag(token + ";")
         elif (
             t.__reduce_ex__ is object.__reduce_ex__
             and t.__reduce__ is object.__reduce__
@@ -226,6 +231,44 @@ class _Hasher:
         finally:
             self.active.discard(id(obj))
         return True
+
+
+#: Handles on outside services (LLM and HTTP clients, their transports, connections,
+#: nbagent's simulator and fake payments): not data. Their internal state (connection
+#: pools, request logs, per-process ids) changes with every call and every process, so
+#: hashing it would make each step that uses a client execute again after a restart
+#: (and pay for its LLM calls again). They hash by type, like unpicklable values.
+_HANDLE_CLASSES = frozenset(
+    {
+        "openai._base_client.BaseClient",
+        "openai._resource.SyncAPIResource",
+        "openai._resource.AsyncAPIResource",
+        "httpx2._client.BaseClient",
+        "httpx2._transports.base.BaseTransport",
+        "httpx2._transports.base.AsyncBaseTransport",
+        "httpx._client.BaseClient",
+        "httpx._transports.base.BaseTransport",
+        "httpx._transports.base.AsyncBaseTransport",
+        "requests.sessions.Session",
+        "sqlite3.Connection",
+        "socket.socket",
+        "nbagent._engine.Run",
+        "nbagent._store.Store",
+        "nbagent._payments.FakePayments",
+        "nbagent._cassette.Cassette",
+        "nbagent._pricing.PriceBook",
+    }
+)
+_handle_types: dict[type, bool] = {}
+
+
+def _is_handle(t: type) -> bool:
+    known = _handle_types.get(t)
+    if known is None:
+        known = _handle_types[t] = any(
+            f"{c.__module__}.{c.__qualname__}" in _HANDLE_CLASSES for c in t.__mro__
+        )
+    return known
 
 
 def hash_value(obj: Any) -> str:
