@@ -734,6 +734,11 @@ class Run:
             )
 
         taken_over, n, run_record = self.store.begin_step(self.name, step_id)
+        if self.store.get_step(self.name, step_id) != record:
+            # another kernel or process committed this step between the decision above and
+            # the lock: decide again from its record (replay it), never execute it twice
+            self.store.undo_begin(self.name, step_id)
+            return self.begin(name, occurrence, source_hash, inputs, rerun=rerun, cell_id=cell_id)
         stop = run_record.get("stopped")
         cap = (run_record.get("caps") or {}).get("steps")
         if stop or (cap is not None and n > cap):
