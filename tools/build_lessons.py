@@ -192,6 +192,21 @@ def clean(nb: Any) -> Any:
         if cell.cell_type != "code":
             continue
         cell.metadata.pop("execution", None)
+        # the kernel sends a print as one or several stream messages depending on timing:
+        # merge neighbouring pieces of one stream (nbval compares streams merged anyway)
+        merged: list[Any] = []
+        for out in cell.outputs:
+            prev = merged[-1] if merged else None
+            if (
+                prev is not None
+                and out.output_type == "stream"
+                and prev.output_type == "stream"
+                and prev.name == out.name
+            ):
+                prev.text += out.text
+            else:
+                merged.append(out)
+        cell.outputs = merged
         for out in cell.outputs:
             data = out.get("data")
             if data and WIDGET_VIEW in data and len(data) > 1:
