@@ -89,8 +89,11 @@ def dir_size(path: Path) -> int:
 def shell() -> Any:
     from IPython.testing.globalipapp import get_ipython
 
+    from nbagent import _magics
+
     ip = get_ipython()
-    ip.run_line_magic("load_ext", "nbagent")
+    if id(ip) not in _magics._extensions:
+        ip.run_line_magic("load_ext", "nbagent")
     return ip
 
 
