@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from ._engine import current_step, dumps_value
-from ._errors import NbagentError
+from ._errors import NbagentError, StoreError
 
 T = TypeVar("T")
 
@@ -49,6 +49,13 @@ def once(label: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     record = store.get_record("effect", record_key)
     if record is not None and record.get("status") == "done":
         payload = store.get_blob(f"{run.name}/(effects)/{key}")
+        if payload is None and record.get("stored"):
+            raise StoreError(
+                f"the recorded outcome of effect {key!r} is missing from the nbagent store at "
+                f"{store.path}. The effect already happened and is not done again; restore the "
+                "store from a backup, or drop the step with `%nbagent reset STEP` and re-run it "
+                "(the key is the same, so an idempotent service answers with the first outcome)."
+            )
         result = pickle.loads(payload) if payload is not None else None
         run.record_event(
             kind="effect", name=label, status="replayed", replayed=1, idempotency_key=key
@@ -68,10 +75,17 @@ def once(label: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         )  # fmt: skip
         raise
     try:
-        store.put_blob(f"{run.name}/(effects)/{key}", dumps_value(result))
+        blob: bytes | None = dumps_value(result)
     except Exception:  # an outcome that cannot be pickled is recorded as done without a value
-        pass
-    store.set_record("effect", record_key, {"status": "done", "label": label, "at": time.time()})
+        blob = None
+    if blob is not None:  # a store failure here raises: the record stays "started"
+        store.put_blob(f"{run.name}/(effects)/{key}", blob)
+    stored = blob is not None
+    store.set_record(
+        "effect",
+        record_key,
+        {"status": "done", "label": label, "at": time.time(), "stored": stored},
+    )
     run.record_event(
         kind="effect", name=label, status="ok", idempotency_key=key,
         latency_s=time.perf_counter() - t0, detail={"after_crash_window": window},

@@ -25,6 +25,7 @@ signature does not verify is never unpickled.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hmac
 import json
 import os
@@ -69,6 +70,66 @@ class _NoPickleDisk(diskcache.Disk):
                 "store aside and start again with a fresh --store folder."
             )
         return super().fetch(mode, filename, value, read)
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        try:
+            return super().store(value, read, key=key)
+        except OSError as e:
+            raise store_error(e, self._directory) from e
+
+
+def store_error(error: BaseException, path: Any) -> StoreError:
+    """A clear StoreError (naming the store and the fix) for a disk or SQLite failure."""
+    text = str(error)
+    low = text.lower()
+    if "full" in low or getattr(error, "errno", None) == errno.ENOSPC:
+        return StoreError(
+            f"the disk holding the nbagent store at {path} is full ({text}). Nothing was stored "
+            "for this step and what was stored before is kept: free some space and run it again."
+        )
+    if "readonly" in low or "read-only" in low or getattr(error, "errno", None) == errno.EROFS:
+        return StoreError(
+            f"the nbagent store at {path} is read-only ({text}). Point nbagent at a writable "
+            "folder with --store DIR or NBAGENT_DIR."
+        )
+    return StoreError(
+        f"the nbagent store at {path} is damaged or not a store ({text}). Move it aside and "
+        "start again with a fresh --store folder (or restore it from a backup)."
+    )
+
+
+class _Cache(diskcache.Cache):
+    """diskcache's Cache whose failures are StoreErrors naming the store and the fix.
+
+    Translated: a damaged database file, a full disk, a read-only store (diskcache would
+    retry BEGIN IMMEDIATE on a read-only database for ever). Other OperationalErrors
+    ("database is locked", "no such table") stay: diskcache handles them itself.
+    """
+
+    @property
+    def _sql(self) -> Any:
+        execute = self._con.execute
+        directory = self._directory
+
+        def sql(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return execute(*args, **kwargs)
+            except sqlite3.DatabaseError as e:
+                if type(e) is sqlite3.DatabaseError or any(
+                    w in str(e).lower() for w in ("full", "readonly", "disk i/o", "decode")
+                ):
+                    raise store_error(e, directory) from e
+                raise
+
+        return sql
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().get(*args, **kwargs)
+        except sqlite3.OperationalError as e:  # raised by fetchall(), after _sql
+            if "decode" not in str(e).lower():
+                raise
+            raise store_error(e, self._directory) from e
 
 
 TRACE_COLUMNS: tuple[str, ...] = (
@@ -204,10 +265,10 @@ class Store:
                 "Point nbagent at a writable folder with --store DIR or NBAGENT_DIR."
             )
         try:
-            self._kv = diskcache.Cache(
+            self._kv = _Cache(
                 str(self.path), eviction_policy="none", size_limit=2**62, disk=_NoPickleDisk
             )
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
             raise StoreError(
                 f"the nbagent store at {self.path} is damaged or not a store ({e}). "
                 "Move it aside and start again with a fresh --store folder."
@@ -272,7 +333,12 @@ class Store:
     # other row (a value kept in a file, a pickle) goes through diskcache.
 
     def _raw(self, key: str) -> Any:
-        rows = self._kv._sql(_SELECT_RAW, (key,)).fetchall()
+        try:
+            rows = self._kv._sql(_SELECT_RAW, (key,)).fetchall()
+        except sqlite3.OperationalError as e:  # e.g. damaged text: "Could not decode to UTF-8"
+            if "decode" not in str(e).lower():
+                raise
+            raise store_error(e, self.path) from e
         if not rows:
             return None
         mode, filename, value = rows[0]
@@ -289,7 +355,16 @@ class Store:
 
     def _get_json(self, key: str) -> Any:
         raw = self._raw(key)
-        return None if raw is None else json.loads(raw)
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except (ValueError, TypeError) as e:
+            raise StoreError(
+                f"the entry {key!r} in the nbagent store at {self.path} is damaged ({e}); it was "
+                "not used. Reset that step (`%nbagent reset STEP`, run.reset([...])), or move the "
+                "store aside and start again with a fresh --store folder."
+            ) from e
 
     def _set_json(self, key: str, value: Any) -> None:
         self._put(key, json.dumps(value, default=str))
@@ -339,8 +414,18 @@ class Store:
 
     # -- runs -----------------------------------------------------------------
 
+    def _get_dict(self, key: str) -> dict[str, Any] | None:
+        value = self._get_json(key)
+        if value is not None and not isinstance(value, dict):
+            raise StoreError(
+                f"the entry {key!r} in the nbagent store at {self.path} is damaged (not a "
+                "record); it was not used. Reset that step (`%nbagent reset STEP`, "
+                "run.reset([...])), or move the store aside and start again with a fresh --store."
+            )
+        return value
+
     def get_run(self, run: str) -> dict[str, Any] | None:
-        return self._get_json(f"run/{run}")
+        return self._get_dict(f"run/{run}")
 
     def put_run(self, run: str, record: dict[str, Any]) -> None:
         with self.transaction():
@@ -386,7 +471,7 @@ class Store:
     # -- steps ----------------------------------------------------------------
 
     def get_step(self, run: str, step_id: str) -> dict[str, Any] | None:
-        return self._get_json(f"step/{run}/{step_id}")
+        return self._get_dict(f"step/{run}/{step_id}")
 
     def step_ids(self, run: str) -> list[str]:
         """Completed steps of a run, in the order they were first committed.
@@ -431,7 +516,10 @@ class Store:
             self.delete_blob(f"{run}/{step_id}/{name}")
 
     def drop_step(self, run: str, step_id: str) -> bool:
-        record = self.get_step(run, step_id)
+        try:
+            record = self.get_step(run, step_id)
+        except StoreError:  # a damaged record: dropping it is the fix
+            record = {"damaged": True}
         with self.transaction():
             self._kv.delete(f"step/{run}/{step_id}")
             if record and record.get("ordinal") is not None:
