@@ -154,7 +154,7 @@ _IMAGE_TYPES = frozenset({"image_url", "input_image", "image"})
 _SIMULATOR_NOTICE = (
     "nbagent: no OPENAI_API_KEY is set, so this uses the built-in simulated LLM (offline, "
     "free, canned replies priced as if real). For a real model, set OPENAI_API_KEY (and "
-    "OPENAI_BASE_URL for another OpenAI-compatible server) and restart the kernel."
+    "OPENAI_BASE_URL for another OpenAI-compatible server) before starting Python or the kernel."
 )
 
 Api = Literal["chat", "responses"]

@@ -1179,7 +1179,8 @@ class StepLine:
             self.html = cls(value="")
             self.html.add_class("nbagent-step-line")
             self.html._nbagent_owner = self
-        self._initial_text = f"nbagent step {self.name!r}: running…"
+        # the text a notebook keeps (frozen at display time): the outcome follows as a line
+        self._initial_text = f"nbagent step {self.name!r} (live status)"
         self.throttle = Throttle(self._flush)
         self._unsubscribe = run.subscribe(self._on_event)
         if self.html is not None:

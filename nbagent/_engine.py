@@ -230,9 +230,10 @@ class RunStatus:
         if self.stopped:
             out.append(f"STOPPED: {self.stopped} (resume with `%nbagent resume` / run.resume())")
         for s in self.steps:
+            calls = f"{s.llm_calls:>3} call{'s' if s.llm_calls != 1 else ' '}"
             out.append(
                 f"  {s.status:<8} {s.step_id:<24} {format_duration(s.duration_s):>8} "
-                f"{s.llm_calls:>3} calls {format_usd(s.cost_usd):>9}"
+                f"{calls} {format_usd(s.cost_usd):>9}"
             )
         if not self.steps:
             out.append("  (no completed steps yet)")
@@ -1246,11 +1247,11 @@ def step_attempts(
         if info.outcome == "ok":
             return
         error = info.exception
-        run.record_event(
-            kind="step", name=ex.name, step=ex.step_id, attempt=info.attempt,
-            status="retrying" if info.will_retry else "failed",
-            error=f"{type(error).__name__}: {error}", wait_s=info.wait_s,
-        )  # fmt: skip
+        if info.will_retry:  # the last attempt is the step's own "failed" row (Execution.abort)
+            run.record_event(
+                kind="step", name=ex.name, step=ex.step_id, attempt=info.attempt,
+                status="retrying", error=f"{type(error).__name__}: {error}", wait_s=info.wait_s,
+            )  # fmt: skip
         if info.alert:
             run.alert(
                 info.alert, f"step {ex.name!r}: {type(error).__name__}: {error}", step=ex.step_id

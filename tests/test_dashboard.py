@@ -422,7 +422,7 @@ def test_text_plain_of_widgets(run: nbagent.Run, dashboards: list[Dashboard]) ->
     assert d.widget._repr_mimebundle_()["text/plain"] == d.text()
     line = StepLine(run, "plan#1")
     try:
-        assert line._repr_mimebundle_()["text/plain"] == "nbagent step 'plan': running…"
+        assert line._repr_mimebundle_()["text/plain"] == "nbagent step 'plan' (live status)"
     finally:
         line.finish()
 
