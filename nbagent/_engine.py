@@ -1316,5 +1316,26 @@ class _Tee(io.TextIOBase):
     def flush(self) -> None:
         self.stream.flush()
 
+    # The rest is the real stream's, so step code can use ``sys.stdout.buffer`` (raw
+    # bytes go through live but are not recorded), ``encoding``, ``fileno()``, ...
+    def __getattr__(self, name: str) -> Any:
+        if name == "stream":
+            raise AttributeError(name)
+        return getattr(self.stream, name)
+
+    @property
+    def encoding(self) -> Any:  # type: ignore[override]
+        return getattr(self.stream, "encoding", "utf-8")
+
+    @property
+    def errors(self) -> Any:  # type: ignore[override]
+        return getattr(self.stream, "errors", None)
+
+    def fileno(self) -> int:
+        return int(self.stream.fileno())
+
+    def isatty(self) -> bool:
+        return bool(self.stream.isatty())
+
     def captured(self) -> str:
         return "".join(self.parts)

@@ -170,7 +170,13 @@ def parse_header(raw_cell: str) -> tuple[str, str] | None:
     cell = raw_cell.lstrip("\n\r\t ")
     if not cell.startswith(HEADER):
         return None
-    first, _, body = cell.partition("\n")
+    first, newline, body = cell.partition("\n")
+    lines = first.splitlines(keepends=True)  # IPython also breaks lines at \r, \x1e, \u2028...
+    if len(lines) > 1:
+        first, body = (
+            lines[0].rstrip("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
+            "".join(lines[1:]) + newline + body,
+        )
     rest = first[len(HEADER) :]
     if rest and not rest[0].isspace():
         return None  # e.g. %%steps: not ours
