@@ -439,14 +439,26 @@ class Store:
         return list(self._get_json("runs") or [])
 
     def counter(self, run: str, name: str) -> int:
-        return int(self._raw(f"ctr/{run}/{name}") or 0)
+        value = self._raw(f"ctr/{run}/{name}") or 0
+        if not isinstance(value, int):
+            raise StoreError(
+                f"the counter 'ctr/{run}/{name}' in the nbagent store at {self.path} is damaged; "
+                "it was not used. Move the store aside and start again with a fresh --store folder."
+            )
+        return value
 
     def incr(self, run: str, name: str, delta: int = 1) -> int:
         key = f"ctr/{run}/{name}"
         rows = self._kv._sql(_INCR_RAW, (delta, time.time(), key)).fetchall()
         if rows:
             return int(rows[0][0])
-        return int(self._kv.incr(key, delta, default=0, retry=True))  # first increment
+        try:
+            return int(self._kv.incr(key, delta, default=0, retry=True))  # first increment
+        except (TypeError, ValueError) as e:  # the row is not a number nbagent wrote
+            raise StoreError(
+                f"the counter {key!r} in the nbagent store at {self.path} is damaged ({e}); "
+                "it was not used. Move the store aside and start again with a fresh --store folder."
+            ) from e
 
     def drop_run(self, run: str) -> int:
         """Delete a run and everything kept for it (steps, values, counters, ledger, trace).
