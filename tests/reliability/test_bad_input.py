@@ -239,6 +239,7 @@ print(raw())
 """
 
 
+@pytest.mark.slow
 def test_non_utf8_output_of_a_python_step_commits_and_replays(tmp_path: Path) -> None:
     script = tmp_path / "raw.py"
     script.write_text(NON_UTF8)

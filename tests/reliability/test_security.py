@@ -166,6 +166,7 @@ except Exception as e:
 """
 
 
+@pytest.mark.slow
 def test_api_key_and_auth_headers_never_reach_disk(tmp_path: Path) -> None:
     world = World(tmp_path / "world")
     script = world.root / "agent.py"
@@ -198,6 +199,7 @@ def test_api_key_and_auth_headers_never_reach_disk(tmp_path: Path) -> None:
 # -- private folders ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_store_and_key_are_private_even_under_a_permissive_umask(tmp_path: Path) -> None:
     code = (
         "import os, nbagent; os.umask(0); run = nbagent.Run('u')\n"
