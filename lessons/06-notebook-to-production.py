@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import nbagent
@@ -112,17 +113,17 @@ again = nbagent_cli("run", "agent.py")
 # ## 3. Crash it, then resume it
 #
 # Now a fresh run (`--run crash-demo`) that we kill with `SIGKILL` — no cleanup, no `finally`,
-# as when a machine dies — right after its `research` step starts. The simulated model answers
-# slowly in this run (`NBAGENT_SIM_LATENCY_S=0.5`) so that the kill lands in the middle of the
-# step.
+# as when a machine dies — in the middle of its `research` step, while the step's first LLM call
+# is waiting for its answer. The simulated model answers slowly in this run
+# (`NBAGENT_SIM_LATENCY_S=1`) so that the kill lands there.
 
 # %%
 def run_and_kill(*args, when="▶ research", env=None):
-    """Start `nbagent ARGS...`; kill it with SIGKILL as soon as it prints a line starting `when`."""
+    """Start `nbagent ARGS...`; SIGKILL it half a second after it prints a line starting `when`."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "nbagent", *args],
         cwd=work,
-        env={**ENV, "NBAGENT_SIM_LATENCY_S": "0.5", **(env or {})},
+        env={**ENV, "NBAGENT_SIM_LATENCY_S": "1", **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -130,6 +131,7 @@ def run_and_kill(*args, when="▶ research", env=None):
     for line in proc.stdout:
         print(line, end="")
         if line.startswith(when):
+            time.sleep(0.5)  # the step's first LLM call is on its way (it takes 1 s)
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
@@ -139,7 +141,10 @@ def run_and_kill(*args, when="▶ research", env=None):
 run_and_kill("run", "agent.py", "--run", "crash-demo")
 
 # %% [markdown]
-# The store knows exactly how far the run got: `plan` is stored, `research` is not.
+# The store knows exactly how far the run got: `plan` is stored, `research` is not. The LLM
+# call that was in flight when the process died counts as made: it may have reached the provider,
+# which bills it. So when the run is next opened, the worst-case cost reserved for that call is
+# counted as spent — the safe side of a hard ceiling.
 
 # %%
 shown = nbagent_cli("show", "crash-demo")
@@ -153,7 +158,8 @@ resumed = nbagent_cli("run", "agent.py", "--run", "crash-demo")
 
 # %% [markdown]
 # The trace of the run counts what really happened across both processes: each step executed
-# once to completion, and the plan's LLM call was paid for once — before the crash — not again.
+# once to completion, the plan's LLM call was paid for once — before the crash — not again, and
+# the call that died with the process was billed at its reservation.
 # (`takeover`: the second process found `research` still locked by the dead one, and took it
 # over.)
 
@@ -163,8 +169,10 @@ trace = crash_run.trace()
 steps = trace[trace.kind == "step"]
 print("step records:", list(zip(steps.step, steps.status)))
 llm = trace[trace.kind == "llm"]
-print("LLM calls per step:", llm.groupby("step", sort=False).size().to_dict())
-print("total spend:", nbagent.format_usd(crash_run.spend_usd), "(the same as the uncrashed run)")
+print("LLM calls answered, per step:", llm.groupby("step", sort=False).size().to_dict())
+reclaimed = trace[(trace.kind == "cap") & (trace.status == "reclaimed")]
+print("in-flight call billed at its reservation:", nbagent.format_usd(reclaimed.cost_usd.sum()))
+print("total spend:", nbagent.format_usd(crash_run.spend_usd))
 
 # %% [markdown]
 # ## 4. The same code on DBOS with PostgreSQL
