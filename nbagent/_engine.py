@@ -530,7 +530,12 @@ class Run:
         self.store.incr(self.name, f"resv:{owner}", delta)
 
     def reclaim_reservations(self) -> float:
-        """Give back reservations held by processes that died mid-call; returns USD freed."""
+        """Settle the reservations of processes that died mid-call at their worst case.
+
+        The request may have reached the provider, which bills it, so the
+        reservation is counted as spent (the safe side of a hard ceiling), not
+        given back. Returns the USD moved from reserved to spent.
+        """
         from ._store import _alive
 
         freed = 0
@@ -545,6 +550,7 @@ class Run:
                 held = self.store.counter(self.name, f"resv:{owner}")
                 if held:
                     self.store.incr(self.name, "reserved_nusd", -held)
+                    self.store.incr(self.name, "spend_nusd", held)
                     freed += held
                 self.store.delete_record("ctr", f"{self.name}/resv:{owner}")
             if alive != owners:
@@ -552,7 +558,8 @@ class Run:
         if freed:
             self.record_event(
                 kind="cap", name="reservation", status="reclaimed", cost_usd=freed / NANO,
-                detail={"reason": "a process died during an LLM call; its reservation was never settled"},
+                detail={"reason": "a process died during an LLM call: billed at its reservation "
+                        "(the provider may have answered and billed it)"},
             )  # fmt: skip
         return freed / NANO
 

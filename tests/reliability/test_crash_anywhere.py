@@ -229,13 +229,6 @@ print(run.reserved_usd, run.spend_usd)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design: the reservation of a process killed mid-call is reclaimed (given back), "
-    "not billed: the request had reached the provider, which bills it, but nbagent's spend "
-    "forgets it, so repeated kills mid-call let the real bill pass the cap (abandoned streams, "
-    "by contrast, are settled at their reservation)",
-)
 def test_call_in_flight_at_a_kill_stays_counted(tmp_path: Path) -> None:
     script = tmp_path / "leak.py"
     script.write_text(LEAK)
