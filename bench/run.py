@@ -457,7 +457,7 @@ BODY = json.dumps(REPLY).encode()
 
 
 def bench_tracing(calls: int) -> None:
-    """Absorbs bench/bench_client.py: the real openai client on one mock transport, both ways."""
+    """The real openai client on one mock transport, bare and traced."""
     import httpx2
     import openai
 
