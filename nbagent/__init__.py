@@ -50,6 +50,7 @@ from ._magics import load_ipython_extension, unload_ipython_extension
 from ._otel import export_jsonl, export_otel
 from ._payments import FakePayments
 from ._pricing import PriceBook
+from ._retry import retry_policy
 from ._script import cell_step
 from ._simulator import SimulatedLLM
 from ._store import FORMAT_VERSION, Store
@@ -94,6 +95,7 @@ __all__ = [
     "idempotency_key",
     "load_ipython_extension",
     "once",
+    "retry_policy",
     "openai_client",
     "simulated_client",
     "tool",

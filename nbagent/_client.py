@@ -106,6 +106,7 @@ from ._retry import (
     RetryPolicy,
     ToolValidationError,
     breaker_for,
+    call_overrides,
     resolve_policy,
     validate_tool_arguments,
 )
@@ -375,9 +376,21 @@ class _Core:
         self.bound_run = run
         self.book = _price_book(prices)
         resolved: RetryPolicy = resolve_policy(policy)
+        self.raw_policy = policy
         self.feedback = "tool_schema" in resolved.names and resolved["tool_schema"].retries
         self.policy = resolved.without("tool_schema") if self.feedback else resolved
         self.base_url = base_url
+
+    def policy_for(self, run: Run) -> RetryPolicy:
+        """The policy of one call: table < ``Run(retry_policy=)`` < client < ``retry_policy`` blocks."""
+        run_layer = getattr(run, "retry_policy", None)
+        blocks = call_overrides()
+        if run_layer is None and not blocks:
+            return self.policy
+        resolved = resolve_policy(self.raw_policy, base=resolve_policy(run_layer))
+        for layer in blocks:
+            resolved = resolve_policy(layer, base=resolved)
+        return resolved.without("tool_schema") if self.feedback else resolved
 
     # -- preparing ----------------------------------------------------------------
 
@@ -1189,7 +1202,9 @@ class TracedTransport(httpx2.BaseTransport):
                     core.row(call, status="ok")
                 return response
         retrier = Retrier(
-            core.policy, breaker=breaker, on_attempt=lambda info: core.on_attempt(call, info)
+            core.policy_for(call.run),
+            breaker=breaker,
+            on_attempt=lambda info: core.on_attempt(call, info),
         )
         try:
             response = retrier(fn)
@@ -1288,7 +1303,9 @@ class AsyncTracedTransport(httpx2.AsyncBaseTransport):
                     core.row(call, status="ok")
                 return response
         retrier = AsyncRetrier(
-            core.policy, breaker=breaker, on_attempt=lambda info: core.on_attempt(call, info)
+            core.policy_for(call.run),
+            breaker=breaker,
+            on_attempt=lambda info: core.on_attempt(call, info),
         )
         try:
             response = await retrier(fn)

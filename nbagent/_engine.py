@@ -262,6 +262,8 @@ class Run:
     :param max_steps: ceiling on step executions (replays are free).
     :param max_llm_calls: ceiling on LLM calls.
     :param strict: make unsaveable step variables an error instead of a warning.
+    :param retry_policy: overrides of the lesson's retry table for this run's LLM
+        calls, e.g. ``{"rate_limit": {"retries": 8}}`` (kept in memory, per process).
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Run:
@@ -280,10 +282,13 @@ class Run:
         strict: bool = False,
         activate: bool = True,
         notebook: str | None = None,
+        retry_policy: Any = None,
     ) -> None:
         self.name = check_name("run", name)
         self.store = store if isinstance(store, Store) else open_store(store)
         self.strict = strict
+        #: overrides of the retry table for this run's LLM calls (see nbagent.retry_policy)
+        self.retry_policy = retry_policy
         self._observers: list[Callable[[dict[str, Any]], None]] = []
         self._alert_hooks: list[Callable[[dict[str, Any]], None]] = []
         self._occurrences: dict[str, int] = {}

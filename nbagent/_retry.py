@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import contextvars
 import copy
 import dataclasses
 import email.utils
@@ -748,6 +750,34 @@ DEFAULT_POLICY = RetryPolicy(_default_rules())
 def resolve_policy(policy: PolicyLike, base: RetryPolicy | None = None) -> RetryPolicy:
     """``policy`` layered on ``base`` (default :data:`DEFAULT_POLICY`): run -> step -> call."""
     return (base or DEFAULT_POLICY).override(policy)
+
+
+_call_overrides: contextvars.ContextVar[tuple[PolicyLike, ...]] = contextvars.ContextVar(
+    "nbagent_retry_policy", default=()
+)
+
+
+@contextlib.contextmanager
+def retry_policy(overrides: PolicyLike) -> Iterator[None]:
+    """Override the retry policy of the LLM calls made inside the block (per call or per step).
+
+    Layers, lowest first: the lesson's table, ``Run(retry_policy=...)``, the
+    client's ``policy=...``, then these blocks (innermost wins)::
+
+        with nbagent.retry_policy({"timeout": {"retries": 1}}):
+            client.chat.completions.create(...)
+    """
+    resolve_policy(overrides)  # a bad override fails here, not in the middle of a call
+    token = _call_overrides.set((*_call_overrides.get(), overrides))
+    try:
+        yield
+    finally:
+        _call_overrides.reset(token)
+
+
+def call_overrides() -> tuple[PolicyLike, ...]:
+    """The ``retry_policy`` blocks around the current call, outermost first."""
+    return _call_overrides.get()
 
 
 def step_policy(
