@@ -903,7 +903,9 @@ class Execution:
         rec = self.record or {}
         calls = rec.get("llm_calls", 0)
         parts = [
-            f"↺ replayed step {self.name!r} from disk",
+            f"↺ replayed step {self.name!r}"
+            + (f" (call #{self.occurrence})" if self.occurrence > 1 else "")
+            + " from disk",
             f"ran {format_duration(rec.get('duration_s', 0.0))}",
             f"{calls} LLM call{'s' if calls != 1 else ''}",
             format_usd(rec.get("cost_usd", 0.0)),
