@@ -10,12 +10,14 @@ How a ``%%step`` cell runs (see docs in the README for the why):
 2. ``pre_run_cell`` reads the raw cell, fingerprints it (normalized source +
    hashes of the values it reads) and asks the engine: replay or execute.
    A replay restores the stored variables, shows the recorded output and
-   swaps the body for nothing through a one-shot AST transformer, because an
-   exception in ``pre_run_cell`` cannot skip a cell. An execution tees
-   stdout/stderr and display output while the body runs live.
-3. ``post_run_cell`` commits on success: every variable the cell bound or
-   rebound, and every earlier variable whose value it changed in place; on
-   failure it stores nothing.
+   swaps the body for the recorded result through a one-shot AST
+   transformer, because an exception in ``pre_run_cell`` cannot skip a cell.
+   An execution tees stdout/stderr and display output while the body runs live.
+3. The same one-shot transformer appends the commit as the cell's last
+   statement, so a commit error (``--strict``, a full disk) fails the cell:
+   every variable the cell bound or rebound, and every earlier variable whose
+   value it changed in place, is stored. ``post_run_cell`` releases a step
+   whose body failed, storing nothing.
 
 Ordinary cells pay one ``str.startswith`` in ``pre_run_cell``: no AST
 transformer stays registered.
