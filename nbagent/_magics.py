@@ -220,6 +220,11 @@ def _show_last(body: list[ast.stmt], show: bool) -> list[ast.stmt]:
     return [*body[:-1], ast.copy_location(ast.Expr(call), last)]  # keep end_lineno
 
 
+def _raise(exc: ast.expr) -> ast.Raise:
+    """``raise <exc>`` on the cell's first line (the ``%%step`` header)."""
+    return ast.Raise(exc=exc, cause=None, lineno=1, col_offset=0)
+
+
 def _call(attr: str) -> ast.Expr:
     return ast.Expr(
         ast.Call(ast.Attribute(ast.Name("__nbagent__", ast.Load()), attr, ast.Load()), [], []),
@@ -307,7 +312,7 @@ class NbagentExtension:
         except BaseException as e:  # surfaces as the cell's error, with a normal traceback
             self.pending = _Pending(None, None)
             self.pending.error = e
-            self._replace_body(lambda body: [_call("_raise_pending")])
+            self._replace_body(lambda body: [_raise(_call("_pending_error").value)])
 
     def _begin_step(self, parsed: tuple[str, str], cell_id: str | None) -> None:
         header, body = parsed
@@ -402,11 +407,11 @@ class NbagentExtension:
             self.shell.display_pub.publish(data=bundle, metadata={})
         return None
 
-    def _raise_pending(self) -> None:
-        __tracebackhide__ = True  # noqa: F841 - IPython hides this frame
+    def _pending_error(self) -> BaseException:
+        """The error found before the body ran; the cell raises it from its header line."""
         error = self.pending.error if self.pending else None
-        if error is not None:
-            raise error.with_traceback(None)
+        assert error is not None
+        return error.with_traceback(None)
 
     # -- retries and timeouts --------------------------------------------------------
 
