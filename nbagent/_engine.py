@@ -48,7 +48,7 @@ from ._errors import (
     StepError,
     StoreError,
 )
-from ._store import NANO, Store, open_store
+from ._store import NANO, UNREAD, Store, open_store
 
 log = logging.getLogger("nbagent")
 
@@ -620,11 +620,14 @@ class Run:
 
     def record_event(self, **row: Any) -> None:
         """Append a row to the run's trace."""
+        self.store.add_trace(self._trace_row(row))
+
+    def _trace_row(self, row: dict[str, Any]) -> dict[str, Any]:
         row.setdefault("run", self.name)
         if "step" not in row:
             ctx = current_step()
             row["step"] = ctx.step_id if ctx else None
-        self.store.add_trace(row)
+        return row
 
     # -- reading ---------------------------------------------------------------------
 
@@ -769,6 +772,7 @@ class Run:
             self._emit({"type": "cap_refused", "cap": "steps", "step": step_id, "message": message})
             raise StepCapExceeded(message)
         ex = Execution(self, name, occurrence, source_hash, inputs, reason=reason, cell_id=cell_id)
+        ex.previous = record  # read again under the lock above: commit need not read it
         if taken_over:
             self.record_event(
                 kind="step",
@@ -896,6 +900,9 @@ class Execution:
         self.context = StepContext(run=run, name=name, occurrence=occurrence)
         self.attempts = 0
         self.finished = False
+        #: the step's record before this execution, as seen under its lock (None: a new
+        #: step); UNREAD when unknown, and then commit_step reads it
+        self.previous: Any = UNREAD
 
     # -- replay ---------------------------------------------------------------------------
 
@@ -1049,22 +1056,26 @@ class Execution:
             "finished_at": time.time(),
             "cell_id": self.cell_id,
         }
-        try:
-            self.run.store.commit_step(self.run.name, self.step_id, record, blobs)
+        trace = self.run._trace_row(
+            {
+                "kind": "step",
+                "name": self.name,
+                "step": self.step_id,
+                "status": "done",
+                "attempt": self.attempts,
+                "latency_s": duration,
+                "cost_usd": self.context.cost_usd,
+            }
+        )
+        try:  # the trace row is committed with the record
+            self.run.store.commit_step(
+                self.run.name, self.step_id, record, blobs, previous=self.previous, trace=trace
+            )
         except BaseException:
             self.run.store.release_lock(self.run.name, self.step_id)
             raise
         self.finished = True
         self.record = record
-        self.run.record_event(
-            kind="step",
-            name=self.name,
-            step=self.step_id,
-            status="done",
-            attempt=self.attempts,
-            latency_s=duration,
-            cost_usd=self.context.cost_usd,
-        )
         self.run._emit(
             {"type": "step_done", "step": self.step_id, "name": self.name, "record": record}
         )

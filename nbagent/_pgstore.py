@@ -55,7 +55,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ._errors import StepLockedError, StoreError, StoreFormatError
-from ._store import _INLINE_BLOB, _RUN_KINDS, TRACE_COLUMNS, Store, _me
+from ._store import _INLINE_BLOB, _RUN_KINDS, TRACE_COLUMNS, UNREAD, Store, _me
 
 #: Version of the PostgreSQL layout (independent of the embedded store's).
 PG_FORMAT_VERSION = 1
@@ -411,7 +411,13 @@ class PgStore(Store):
         return list(self._get_json(f"steps/{run}") or [])
 
     def commit_step(
-        self, run: str, step_id: str, record: dict[str, Any], blobs: dict[str, bytes]
+        self,
+        run: str,
+        step_id: str,
+        record: dict[str, Any],
+        blobs: dict[str, bytes],
+        previous: Any = UNREAD,
+        trace: dict[str, Any] | None = None,
     ) -> None:
         """Store a finished step and release its lock, in one transaction.
 
@@ -425,7 +431,7 @@ class PgStore(Store):
             else:
                 small[name] = payload
         with self.transaction():
-            old = self.get_step(run, step_id) or {}
+            old = self.get_step(run, step_id) or {}  # (previous: read again, for the steps list)
             for name, payload in small.items():
                 self.put_blob(f"{run}/{step_id}/{name}", payload)
             self._set_json(f"step/{run}/{step_id}", record)
@@ -434,6 +440,8 @@ class PgStore(Store):
                 if step_id not in ids:
                     ids.append(step_id)
                     self._set_json(f"steps/{run}", ids)
+            if trace is not None:
+                self.add_trace(trace)
             self.release_lock(run, step_id)
         for name in set(old.get("saved", [])) - set(blobs):
             self.delete_blob(f"{run}/{step_id}/{name}")

@@ -2,19 +2,22 @@
 
 Layout of a store directory (created private to the user, mode 0700)::
 
-    STORE/            a diskcache.Cache: every key is a plain string and every
+    STORE/cache.db    a diskcache.Cache: every key is a plain string and every
                       value is a str (JSON), an int or signed bytes, so opening
                       a store never unpickles anything (diskcache would unpickle
-                      other types on read)
-    STORE/trace.sqlite3   the append-only trace (one row per LLM attempt, tool
-                      call, step outcome, cap change and alert)
+                      other types on read). The same SQLite database holds the
+                      ``trace`` table: the append-only trace (one row per LLM
+                      attempt, tool call, step outcome, cap change and alert)
+    STORE/cache.db-locks  step locks (POSIX record locks; the file stays empty)
 
-Why two files: the trace is a table that is scanned whole to build a
-DataFrame (100k rows in well under a second with one SQL query); diskcache is a
-key-value store and shines at the rest. Writes are crash-safe: diskcache
+Why a table beside diskcache's: the trace is scanned whole to build a DataFrame
+(100k rows in well under a second with one SQL query); diskcache is a key-value
+store and shines at the rest. One database, so a step's record, its values and
+its trace row are committed in one transaction. Writes are crash-safe: diskcache
 commits each write in one SQLite transaction and writes large values to a
 file before the row that names it, so a SIGKILL leaves either the old or the
-new entry, never half of one.
+new entry, never half of one. (Format 1 kept the trace in ``trace.sqlite3``;
+opening such a store moves its rows into ``cache.db``.)
 
 Variable blobs are pickles, and unpickling runs code, so every blob carries an
 HMAC-SHA256 signature made with a per-store key kept *outside* the store
@@ -26,12 +29,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hashlib
 import hmac
 import json
 import os
 import secrets
 import socket
 import sqlite3
+import struct
+import sys
 import threading
 import time
 import uuid
@@ -44,12 +51,20 @@ import diskcache
 from ._errors import StepLockedError, StoreError, StoreFormatError
 
 #: Version of the on-disk layout. Bump it (and keep a fixture of the old
-#: layout under tests/) when a key or a record changes shape.
-FORMAT_VERSION = 1
+#: layout under tests/) when a key or a record changes shape. Older stores are
+#: upgraded when opened (see ``Store._upgrade``).
+#:
+#: 2: step locks are file locks (no ``lock/`` rows); no step index
+#: (``ctr/RUN/step_seq``, ``stepidx/RUN/N``): steps are listed by rowid; the
+#: trace table is in ``cache.db`` (it was ``trace.sqlite3``).
+FORMAT_VERSION = 2
 
 #: Money is kept as integer nano-dollars so counters can be incremented
 #: atomically by diskcache (which only increments integers).
 NANO = 1_000_000_000
+
+#: ``Store.commit_step(previous=UNREAD)``: the step's earlier record is not known; read it.
+UNREAD: Any = type("Unread", (), {"__repr__": lambda self: "UNREAD"})()
 
 _BLOB_MAGIC = b"NBA1"
 _SIG_LEN = 32
@@ -76,6 +91,15 @@ class _NoPickleDisk(diskcache.Disk):
             return super().store(value, read, key=key)
         except OSError as e:
             raise store_error(e, self._directory) from e
+
+    def _write(self, full_path: str, iterator: Any, mode: str, encoding: Any = None) -> Any:
+        try:
+            return super()._write(full_path, iterator, mode, encoding)
+        except OSError:  # e.g. a full disk: do not leave half a value file taking space
+            if "x" in mode:  # the file was new: it is this write's
+                with contextlib.suppress(OSError):
+                    os.remove(full_path)
+            raise
 
 
 def store_error(error: BaseException, path: Any) -> StoreError:
@@ -157,17 +181,36 @@ TRACE_COLUMNS: tuple[str, ...] = (
     "detail",
 )
 
-_TRACE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS trace (
+_TRACE_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS trace (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     ts REAL NOT NULL, run TEXT NOT NULL, step TEXT, kind TEXT NOT NULL, name TEXT,
     attempt INTEGER, status TEXT, error TEXT, wait_s REAL, model TEXT,
     input_tokens INTEGER, cached_tokens INTEGER, output_tokens INTEGER,
     reasoning_tokens INTEGER, cost_usd REAL, latency_s REAL, idempotency_key TEXT,
     replayed INTEGER, price_known INTEGER, request TEXT, response TEXT, detail TEXT
-);
-CREATE INDEX IF NOT EXISTS trace_run ON trace (run, seq);
-"""
+)""",
+    "CREATE INDEX IF NOT EXISTS trace_run ON trace (run, seq)",
+)
+_INSERT_TRACE = (
+    f"INSERT INTO trace ({', '.join(TRACE_COLUMNS)}) VALUES ({', '.join('?' * len(TRACE_COLUMNS))})"
+)
+_OLD_TRACE = "trace.sqlite3"  # format 1's trace database
+
+
+def trace_values(row: dict[str, Any]) -> list[Any]:
+    """The TRACE_COLUMNS values of a trace row (unknown keys go to the JSON ``detail``)."""
+    values = [row.get(c) for c in TRACE_COLUMNS]
+    extra = {k: v for k, v in row.items() if k not in TRACE_COLUMNS}
+    if extra:
+        detail = row.get("detail") or {}
+        values[-1] = {**(detail if isinstance(detail, dict) else {"detail": detail}), **extra}
+    for i in (-3, -2, -1):  # request, response, detail
+        if values[i] is not None and not isinstance(values[i], str):
+            values[i] = json.dumps(values[i], default=str)
+    if values[0] is None:
+        values[0] = time.time()
+    return values
 
 
 def default_store_dir() -> Path:
@@ -221,6 +264,33 @@ def _me() -> dict[str, Any]:
     return dict(_ME)
 
 
+#: One descriptor per lock file per process, never closed: closing any descriptor of a
+#: file drops every POSIX lock the process holds on it, whichever Store took them.
+_lock_fds: dict[str, int] = {}
+_lock_fds_mutex = threading.Lock()
+
+# struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding)
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def _lock_offset(run: str, step_id: str) -> int:
+    """The byte of the lock file that stands for a step: 62 bits of its SHA-1."""
+    digest = hashlib.sha1(f"{run}/{step_id}".encode(), usedforsecurity=False).digest()
+    return int.from_bytes(digest[:8], "big") >> 2
+
+
+def _lock_holder(fd: int, offset: int) -> int | None:
+    """Pid of the process holding a byte of the lock file (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+        l_type, _, _, _, pid = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    except (OSError, struct.error):
+        return None
+    return pid if l_type != fcntl.F_UNLCK and pid > 0 else None
+
+
 #: Kinds of keys that belong to one run: ``KIND/RUN/...``.
 _RUN_KINDS = ("ctr", "step", "stepidx", "blob", "lock", "llm", "effect")
 
@@ -242,6 +312,7 @@ _INCR_RAW = (
     "AND mode = 1 AND filename IS NULL AND typeof(value) = 'integer' RETURNING value"
 )
 _DELETE_RAW = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND filename IS NULL"
+_STEP_KEYS = "SELECT key FROM Cache WHERE key >= ? AND key < ? AND raw = 1 ORDER BY rowid"
 
 
 class Store:
@@ -268,7 +339,8 @@ class Store:
             self._kv = _Cache(
                 str(self.path), eviction_policy="none", size_limit=2**62, disk=_NoPickleDisk
             )
-        except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
+        except (sqlite3.DatabaseError, UnicodeDecodeError, ValueError, AttributeError) as e:
+            # (diskcache raises ValueError or AttributeError on a damaged Settings table)
             raise StoreError(
                 f"the nbagent store at {self.path} is damaged or not a store ({e}). "
                 "Move it aside and start again with a fresh --store folder."
@@ -280,8 +352,8 @@ class Store:
             self.id = self._kv.get("meta/id")
         self._key = self._signing_key()
         self._min_file_size: int = self._kv._disk.min_file_size
-        self._trace_lock = threading.Lock()
-        self._trace_db: sqlite3.Connection | None = None
+        # named like diskcache's own files, so Cache.check() neither reports nor deletes it
+        self._lock_file = str(self.path / "cache.db-locks")
 
     # -- private plumbing ---------------------------------------------------
 
@@ -296,6 +368,53 @@ class Store:
                 f"reads format {FORMAT_VERSION} or older. Upgrade nbagent "
                 "(pip install -U nbagent) or use another --store folder; nothing was changed."
             )
+        for statement in _TRACE_SCHEMA:
+            self._kv._sql(statement)
+        if found < FORMAT_VERSION:
+            self._upgrade()
+        else:
+            self._remove_old_trace()  # left by an upgrade killed after its commit
+
+    def _upgrade(self) -> None:
+        """Bring a store of an older format to this one (once; safe to race and to kill).
+
+        1 -> 2: the rows of ``trace.sqlite3`` are copied (with their ``seq``) into
+        the trace table of ``cache.db``, in the transaction that raises the
+        version; then the old file is deleted. Format 1's step records are ordered
+        by rowid like format 2's; its step index and lock rows are left (ignored;
+        ``drop_run`` deletes them). An older nbagent refuses the upgraded store.
+        """
+        old = self.path / _OLD_TRACE
+        attached = False
+        if old.exists():
+            self._kv._sql("ATTACH DATABASE ? AS old_trace", (str(old),))
+            attached = True
+        try:
+            with self.transaction():
+                if (self._kv.get("meta/format") or 0) < FORMAT_VERSION:
+                    if (
+                        attached
+                        and self._kv._sql(
+                            "SELECT 1 FROM old_trace.sqlite_master WHERE name = 'trace'"
+                        ).fetchall()
+                    ):
+                        cols = ", ".join(("seq", *TRACE_COLUMNS))
+                        self._kv._sql(
+                            f"INSERT INTO main.trace ({cols}) SELECT {cols} FROM old_trace.trace "
+                            "WHERE seq > (SELECT coalesce(max(seq), 0) FROM main.trace) "
+                            "ORDER BY seq"
+                        )
+                    self._kv.set("meta/format", FORMAT_VERSION)
+        finally:
+            if attached:
+                self._kv._sql("DETACH DATABASE old_trace")
+        self._remove_old_trace()
+
+    def _remove_old_trace(self) -> None:
+        if (self.path / _OLD_TRACE).exists():
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.path / f"{_OLD_TRACE}{suffix}").unlink()
 
     def _signing_key(self) -> bytes:
         folder = _key_dir()
@@ -317,13 +436,8 @@ class Store:
 
     @property
     def _trace(self) -> sqlite3.Connection:
-        if self._trace_db is None:
-            db = sqlite3.connect(self.path / "trace.sqlite3", timeout=60, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_TRACE_SCHEMA)
-            self._trace_db = db
-        return self._trace_db
+        """The connection (this thread's) to the database holding the trace table."""
+        return self._kv._con  # type: ignore[no-any-return]
 
     # The hot paths (step begin/commit, spend counters) read and write small
     # rows with one SQL statement each instead of diskcache's get/set/incr
@@ -332,13 +446,18 @@ class Store:
     # size 0, no file, no expiry), so diskcache reads them back unchanged; any
     # other row (a value kept in a file, a pickle) goes through diskcache.
 
-    def _raw(self, key: str) -> Any:
+    def _rows(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        """Run one statement and fetch its rows; disk and damage failures are StoreErrors."""
         try:
-            rows = self._kv._sql(_SELECT_RAW, (key,)).fetchall()
-        except sqlite3.OperationalError as e:  # e.g. damaged text: "Could not decode to UTF-8"
-            if "decode" not in str(e).lower():
+            return self._kv._sql(sql, args).fetchall()  # type: ignore[no-any-return]
+        except sqlite3.OperationalError as e:  # raised by fetchall(), after _sql
+            low = str(e).lower()  # e.g. "Could not decode to UTF-8", "database or disk is full"
+            if not any(w in low for w in ("decode", "full", "readonly", "disk i/o")):
                 raise
             raise store_error(e, self.path) from e
+
+    def _raw(self, key: str) -> Any:
+        rows = self._rows(_SELECT_RAW, (key,))
         if not rows:
             return None
         mode, filename, value = rows[0]
@@ -349,7 +468,7 @@ class Store:
     def _put(self, key: str, value: str | bytes) -> None:
         if len(value) < self._min_file_size:
             now = time.time()
-            if self._kv._sql(_UPSERT_RAW, (key, now, now, value)).fetchall():
+            if self._rows(_UPSERT_RAW, (key, now, now, value)):
                 return
         self._kv.set(key, value, retry=True)  # large, or replacing a value kept in a file
 
@@ -449,7 +568,7 @@ class Store:
 
     def incr(self, run: str, name: str, delta: int = 1) -> int:
         key = f"ctr/{run}/{name}"
-        rows = self._kv._sql(_INCR_RAW, (delta, time.time(), key)).fetchall()
+        rows = self._rows(_INCR_RAW, (delta, time.time(), key))
         if rows:
             return int(rows[0][0])
         try:
@@ -488,25 +607,34 @@ class Store:
     def step_ids(self, run: str) -> list[str]:
         """Completed steps of a run, in the order they were first committed.
 
-        Each new step gets an ordinal key (``stepidx/RUN/N``), so a commit
-        costs the same with 10 or 10,000 steps in the run.
+        One range query over diskcache's (key, raw) index on the ``step/RUN/``
+        keys, ordered by rowid: a record is updated in place (its rowid kept)
+        when a step is committed again, and gets a new, larger rowid only when
+        it is written after being dropped, so rowid order is first-commit order
+        (format 1 also kept an ordinal index, ``stepidx/RUN/N``; it agrees).
         """
-        ids = []
-        for n in range(1, self.counter(run, "step_seq") + 1):
-            step_id = self._kv.get(f"stepidx/{run}/{n}")
-            if step_id is not None:
-                ids.append(step_id)
-        return ids
+        prefix = f"step/{run}/"
+        rows = self._rows(_STEP_KEYS, (prefix, f"step/{run}0"))  # "0" sorts right after "/"
+        return [key[len(prefix) :] for (key,) in rows]
 
     def commit_step(
-        self, run: str, step_id: str, record: dict[str, Any], blobs: dict[str, bytes]
+        self,
+        run: str,
+        step_id: str,
+        record: dict[str, Any],
+        blobs: dict[str, bytes],
+        previous: Any = UNREAD,
+        trace: dict[str, Any] | None = None,
     ) -> None:
-        """Store a finished step and release its lock, in one transaction.
+        """Store a finished step in one transaction, then release its lock.
 
-        Large value blobs are written first, outside the transaction (so other
-        processes are not blocked while a big file is written); a crash before
-        the transaction leaves orphan blobs but never a record that points at a
-        missing blob.
+        ``previous`` is the step's record before this execution (None for a new
+        step) as the caller read it under the step's lock; by default it is read
+        here. ``trace`` is the step's trace row, committed with the record (so a
+        committed step always has its trace row). Large value blobs are written first, outside the transaction (so
+        other processes are not blocked while a big file is written); a crash
+        before the transaction leaves orphan blobs but never a record that points
+        at a missing blob.
         """
         small = {}
         for name, payload in blobs.items():
@@ -515,15 +643,13 @@ class Store:
             else:
                 small[name] = payload
         with self.transaction():
-            old = self.get_step(run, step_id) or {}
+            old = (self.get_step(run, step_id) if previous is UNREAD else previous) or {}
             for name, payload in small.items():
                 self.put_blob(f"{run}/{step_id}/{name}", payload)
-            ordinal = old.get("ordinal")
-            if ordinal is None:
-                ordinal = self.incr(run, "step_seq")
-                self._put(f"stepidx/{run}/{ordinal}", step_id)
-            self._set_json(f"step/{run}/{step_id}", {**record, "ordinal": ordinal})
-            self.release_lock(run, step_id)
+            self._set_json(f"step/{run}/{step_id}", record)
+            if trace is not None:
+                self.add_trace(trace)
+        self.release_lock(run, step_id)  # after the commit: the next holder sees the record
         for name in set(old.get("saved", [])) - set(blobs):
             self.delete_blob(f"{run}/{step_id}/{name}")
 
@@ -534,7 +660,7 @@ class Store:
             record = {"damaged": True}
         with self.transaction():
             self._kv.delete(f"step/{run}/{step_id}")
-            if record and record.get("ordinal") is not None:
+            if record and record.get("ordinal") is not None:  # format 1's index
                 self._kv.delete(f"stepidx/{run}/{record['ordinal']}")
         for name in (record or {}).get("saved", []):
             self.delete_blob(f"{run}/{step_id}/{name}")
@@ -545,48 +671,70 @@ class Store:
     def begin_step(
         self, run: str, step_id: str
     ) -> tuple[dict[str, Any] | None, int, dict[str, Any]]:
-        """Lock a step and count its execution, in one transaction.
+        """Lock a step and count its execution.
 
         Returns (dead owner taken over or None, the run's new step count, the
         run record) so the caller can check the stop switch and the step cap
-        (and undo with :meth:`undo_begin` when it refuses).
+        (and undo with :meth:`undo_begin` when it refuses). No transaction: the
+        lock is a file lock and the count one atomic SQL statement.
         """
-        with self.transaction():
-            record = self.get_run(run) or {}
-            owner = self.acquire_lock(run, step_id)
+        record = self.get_run(run) or {}
+        owner = self.acquire_lock(run, step_id)
+        try:
             count = self.incr(run, "steps")
+        except BaseException:
+            self.release_lock(run, step_id)
+            raise
         return owner, count, record
 
     def undo_begin(self, run: str, step_id: str) -> None:
-        with self.transaction():
+        try:
             self.incr(run, "steps", -1)
+        finally:
             self.release_lock(run, step_id)
 
+    def _lock_fd(self) -> int:
+        fd = _lock_fds.get(self._lock_file)
+        if fd is None:
+            with _lock_fds_mutex:
+                fd = _lock_fds.get(self._lock_file)
+                if fd is None:
+                    try:
+                        fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                    except OSError as e:
+                        raise store_error(e, self.path) from e
+                    _lock_fds[self._lock_file] = fd
+        return fd
+
     def acquire_lock(self, run: str, step_id: str) -> dict[str, Any] | None:
-        """Take the execution lock of a step; return the dead owner taken over, if any."""
-        key = f"lock/{run}/{step_id}"
-        me = {**_me(), "since": time.time()}
-        with self.transaction():
-            owner = self._get_json(key)
-            mine = (
-                owner is not None
-                and owner.get("pid") == me["pid"]
-                and owner.get("host") == me["host"]
-            )
-            if owner is not None and not mine and _alive(owner):
-                since = time.strftime("%H:%M:%S", time.localtime(owner.get("since", 0)))
-                raise StepLockedError(
-                    f"step {step_id!r} of run {run!r} is being executed by process "
-                    f"{owner.get('pid')} on {owner.get('host')} (since {since}). Wait for it to "
-                    "finish, or stop that kernel; a lock held by a dead process is taken over."
-                )
-            self._set_json(key, me)
-        return None if owner is None or mine else owner
+        """Take the execution lock of a step (re-entrant for this process).
+
+        The lock is a POSIX record lock on one byte of ``STORE/cache.db-locks``
+        (the byte at 62 bits of the SHA-1 of ``run/step``): the OS releases it when
+        its process dies, so a lock is never stale, needs no pid checks and costs
+        no SQL. Returns None: a dead holder's lock is simply free (format 1's SQL
+        lock rows had an owner to take over; PgStore still reports one).
+        """
+        fd = self._lock_fd()
+        offset = _lock_offset(run, step_id)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset, os.SEEK_SET)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise store_error(e, self.path) from e
+            pid = _lock_holder(fd, offset)
+            raise StepLockedError(
+                f"step {step_id!r} of run {run!r} is being executed by process "
+                f"{pid if pid is not None else '(unknown)'}"
+                f"{'' if pid is not None else ' on another machine'}. Wait for it to finish, "
+                "or stop that kernel; the lock is freed when its process ends."
+            ) from None
+        return None
 
     def release_lock(self, run: str, step_id: str) -> None:
-        key = f"lock/{run}/{step_id}"
-        if not self._kv._sql(_DELETE_RAW, (key,)).rowcount:
-            self._kv.delete(key, retry=True)  # no lock, or one kept in a file
+        fd = self._lock_fd()
+        with contextlib.suppress(OSError):
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, _lock_offset(run, step_id), os.SEEK_SET)
 
     # -- key-value records for the LLM ledger and side effects ---------------
 
@@ -607,51 +755,24 @@ class Store:
 
     def add_trace(self, row: dict[str, Any]) -> None:
         """Append one trace row (unknown keys go to the JSON ``detail`` column)."""
-        values = [row.get(c) for c in TRACE_COLUMNS]
-        extra = {k: v for k, v in row.items() if k not in TRACE_COLUMNS}
-        if extra:
-            detail = row.get("detail") or {}
-            values[-1] = {**(detail if isinstance(detail, dict) else {"detail": detail}), **extra}
-        for i, c in enumerate(TRACE_COLUMNS):
-            if (
-                c in ("request", "response", "detail")
-                and values[i] is not None
-                and not isinstance(values[i], str)
-            ):
-                values[i] = json.dumps(values[i], default=str)
-        if values[0] is None:
-            values[0] = time.time()
-        with self._trace_lock:
-            db = self._trace
-            db.execute(
-                f"INSERT INTO trace ({', '.join(TRACE_COLUMNS)}) VALUES ({', '.join('?' * len(TRACE_COLUMNS))})",
-                values,
-            )
-            db.commit()
+        self._rows(_INSERT_TRACE, tuple(trace_values(row)))
 
     def trace_rows(
         self, run: str | None = None, since_seq: int = 0
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Columns (with ``seq`` first) and rows of the trace, oldest first."""
         sql = f"SELECT seq, {', '.join(TRACE_COLUMNS)} FROM trace WHERE seq > ?"
-        args: list[Any] = [since_seq]
+        args: tuple[Any, ...] = (since_seq,)
         if run is not None:
             sql += " AND run = ?"
-            args.append(run)
-        with self._trace_lock:
-            rows = self._trace.execute(sql + " ORDER BY seq", args).fetchall()
-        return ["seq", *TRACE_COLUMNS], rows
+            args = (since_seq, run)
+        return ["seq", *TRACE_COLUMNS], self._rows(sql + " ORDER BY seq", args)
 
     def delete_trace(self, run: str) -> None:
-        with self._trace_lock:
-            self._trace.execute("DELETE FROM trace WHERE run = ?", (run,))
-            self._trace.commit()
+        self._rows("DELETE FROM trace WHERE run = ?", (run,))
 
     def close(self) -> None:
         self._kv.close()
-        if self._trace_db is not None:
-            self._trace_db.close()
-            self._trace_db = None
 
 
 _open_stores: dict[Path, Store] = {}

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
+import sqlite3
 import stat
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import diskcache
@@ -47,6 +46,55 @@ def test_store_of_a_newer_format_is_refused_and_left_untouched(tmp_path: Path) -
     assert "nothing was changed" in message
     assert _kv_snapshot(path) == before
     assert not (tmp_path / "keys").exists()  # no signing key was made for it either
+
+
+def make_format_1_store(path: Path) -> None:
+    """A store as format 1 wrote it: a step index, SQL lock rows."""
+    with diskcache.Cache(str(path)) as c:
+        c.set("meta/format", 1)
+        c.set("run/r", '{"name": "r", "caps": {}}')
+        c.set("runs", '["r"]')
+        for n, step in enumerate(["b#1", "a#1", "c#1"], 1):
+            c.set(f"step/r/{step}", f'{{"name": "{step[0]}", "saved": [], "ordinal": {n}}}')
+            c.set(f"stepidx/r/{n}", step)
+        c.set("ctr/r/step_seq", 3)
+        c.set("lock/r/z#1", '{"pid": 1, "host": "h", "since": 0}')
+    db = sqlite3.connect(path / "trace.sqlite3")
+    db.execute("PRAGMA journal_mode=WAL")
+    cols = ", ".join(TRACE_COLUMNS)
+    db.execute(f"CREATE TABLE trace (seq INTEGER PRIMARY KEY AUTOINCREMENT, {cols})")
+    for seq in (3, 7):  # gaps: rows were deleted
+        db.execute(
+            "INSERT INTO trace (seq, ts, run, kind, status) VALUES (?, ?, 'r', 'step', 'done')",
+            (seq, float(seq)),
+        )
+    db.commit()
+    db.close()
+
+
+def test_store_of_format_1_is_read_and_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    make_format_1_store(path)
+    store = Store(path)
+    assert _kv_snapshot(path)["meta/format"] == FORMAT_VERSION
+    assert store.step_ids("r") == ["b#1", "a#1", "c#1"]  # first-commit order
+    cols, rows = store.trace_rows("r")  # moved into cache.db, seq kept
+    assert [(r[0], r[1]) for r in rows] == [(3, 3.0), (7, 7.0)]
+    assert not list(path.glob("trace.sqlite3*"))
+    store.add_trace({"run": "r", "kind": "step"})
+    assert store.trace_rows("r", since_seq=7)[1][0][0] == 8
+    assert Store(path).trace_rows("r")[1][:2] == rows  # opened again: not copied twice
+    assert store.acquire_lock("r", "z#1") is None  # an SQL lock row is no lock any more
+    store.release_lock("r", "z#1")
+    store.commit_step("r", "a#1", {"name": "a", "saved": []}, {})
+    store.commit_step("r", "d#1", {"name": "d", "saved": []}, {})
+    assert store.drop_step("r", "b#1")
+    assert store.step_ids("r") == ["a#1", "c#1", "d#1"]
+    assert "stepidx/r/1" not in _kv_snapshot(path)
+    store.commit_step("r", "b#1", {"name": "b", "saved": []}, {})
+    assert store.step_ids("r") == ["a#1", "c#1", "d#1", "b#1"]  # committed again: last
+    store.drop_run("r")
+    assert not [k for k in _kv_snapshot(path) if "/r/" in str(k)]
 
 
 def test_store_format_error_is_a_store_error() -> None:
@@ -269,7 +317,7 @@ def _lock_holder(path: Path) -> subprocess.Popen[str]:
     return child
 
 
-def test_step_lock_of_a_live_process_blocks_and_of_a_dead_one_is_taken_over(
+def test_step_lock_of_a_live_process_blocks_and_of_a_killed_one_is_free(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "s"
@@ -283,11 +331,12 @@ def test_step_lock_of_a_live_process_blocks_and_of_a_dead_one_is_taken_over(
     finally:
         child.kill()
         child.wait()
-    owner = store.acquire_lock("r", "a#1")
-    assert owner is not None and owner["pid"] == child.pid
+    # SIGKILL: the OS released its lock (no stale lock, no pid checks)
+    assert store.acquire_lock("r", "a#1") is None
     assert store.acquire_lock("r", "a#1") is None  # re-entrant for its owner
     store.release_lock("r", "a#1")
     assert store.acquire_lock("r", "a#1") is None
+    store.release_lock("r", "a#1")
 
 
 def test_run_begin_refuses_a_step_another_process_executes(tmp_path: Path) -> None:
@@ -306,19 +355,47 @@ def test_run_begin_refuses_a_step_another_process_executes(tmp_path: Path) -> No
     ex.abort(None)
 
 
-def test_lock_of_a_reused_pid_is_taken_over(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s")
-    # the parent process is alive, but it is not the process that took the lock
-    stale = {"pid": os.getppid(), "host": socket.gethostname(), "pstart": "1", "since": 0}
-    store._set_json("lock/r/a#1", stale)
-    assert store.acquire_lock("r", "a#1") == stale
+def test_lock_is_held_per_process_whatever_store_object_took_it(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    one, two = Store(path), Store(path)
+    assert one.acquire_lock("r", "a#1") is None
+    assert two.acquire_lock("r", "a#1") is None  # same process: re-entrant
+    two.close()  # closing another Store object does not drop this process's locks
+    child = subprocess.run(
+        [sys.executable, "-c", _TRY_LOCK, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert child.stdout.strip() == f"locked by {os.getpid()}", child.stderr
+    one.release_lock("r", "a#1")
+    child = subprocess.run(
+        [sys.executable, "-c", _TRY_LOCK, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert child.stdout.strip() == "free", child.stderr
+    one.release_lock("r", "a#1")  # not held: a no-op
 
 
-def test_lock_of_another_host_is_respected(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s")
-    store._set_json("lock/r/a#1", {"pid": 1, "host": "elsewhere", "since": time.time()})
-    with pytest.raises(StepLockedError, match="elsewhere"):
-        store.acquire_lock("r", "a#1")
+_TRY_LOCK = textwrap.dedent(
+    """
+    import sys
+    from nbagent._errors import StepLockedError
+    from nbagent._store import Store
+    try:
+        Store(sys.argv[1]).acquire_lock("r", "a#1")
+    except StepLockedError as e:
+        print("locked by", str(e).split("process ")[1].split(".")[0])
+    else:
+        print("free")
+    """
+)
+
+
+def test_a_lock_left_by_a_dead_process_does_not_block(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    code = (
+        "import os, sys\nfrom nbagent._store import Store\n"
+        "Store(sys.argv[1]).acquire_lock('r', 'a#1')\nos._exit(0)  # never released\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=60)
+    assert Store(path).acquire_lock("r", "a#1") is None
 
 
 # -- counters ------------------------------------------------------------------------------
