@@ -576,6 +576,8 @@ class Run:
         return lambda: self._observers.remove(observer) if observer in self._observers else None
 
     def _emit(self, event: dict[str, Any]) -> None:
+        if not self._observers:
+            return
         event.setdefault("run", self.name)
         event.setdefault("ts", time.time())
         for observer in list(self._observers):

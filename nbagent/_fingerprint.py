@@ -39,6 +39,11 @@ def source_hash(source: str) -> str:
     return xxhash.xxh3_128_hexdigest(text.encode("utf-8", "surrogatepass"))
 
 
+def tree_hash(tree: ast.AST) -> str:
+    """``source_hash`` of the source ``tree`` was parsed from, without parsing it again."""
+    return xxhash.xxh3_128_hexdigest(ast.dump(tree).encode("utf-8", "surrogatepass"))
+
+
 def names_read(tree: ast.AST) -> set[str]:
     """Every name loaded anywhere in the code (including inside functions it defines)."""
     found: set[str] = set()

@@ -206,7 +206,10 @@ class _OneShot(ast.NodeTransformer):
         self.make_body = make_body
 
     def visit_Module(self, node: ast.Module) -> ast.Module:
-        node.body = self.make_body(node.body)
+        body = node.body
+        if body and isinstance(body[0], ast.Pass) and body[0].lineno == 1:
+            body = body[1:]  # the header's `pass`: one statement less to compile and run
+        node.body = self.make_body(body)
         return node
 
 
@@ -342,9 +345,7 @@ class NbagentExtension:
         reads = fp.names_read(tree)
         candidates = sorted(n for n in fp.reachable_names(reads, ns) if fp.is_user_name(n))
         inputs = {n: fp.hash_value(ns[n]) for n in candidates}
-        ex = run.begin(
-            name, 1, fp.source_hash(transformed), inputs, rerun=args.rerun, cell_id=cell_id
-        )
+        ex = run.begin(name, 1, fp.tree_hash(tree), inputs, rerun=args.rerun, cell_id=cell_id)
         if cell_id:
             self.cells[key] = cell_id
         pending = self.pending = _Pending(ex, args)
