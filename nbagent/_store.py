@@ -516,7 +516,7 @@ class Store:
 
     def get_blob(self, key: str) -> bytes | None:
         """Verified payload; None if missing. Raises StoreError if tampered."""
-        raw = self._kv.get(f"blob/{key}")
+        raw = self._raw(f"blob/{key}")  # one SELECT; a value kept in a file goes via diskcache
         if raw is None:
             return None
         payload = self.verify(raw)
