@@ -71,10 +71,10 @@ def format_duration(s: float) -> str:
 
 
 def check_name(kind: str, name: Any) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name.strip()):
+    if not isinstance(name, str) or not _NAME_RE.match(name.strip()) or not name.isprintable():
         raise StepError(
-            f"{kind} name {name!r} is not valid: use 1-200 characters without '/', '#' "
-            f"or leading spaces, e.g. `plan` or `research-1`."
+            f"{kind} name {name!r} is not valid: use 1-200 printable characters without '/', "
+            f"'#' or leading spaces, e.g. `plan` or `research-1`."
         )
     return name.strip()
 

@@ -192,7 +192,10 @@ def transform_header(lines: list[str]) -> list[str]:
         and lines[0].startswith(HEADER)
         and (len(lines[0]) == len(HEADER) or lines[0][len(HEADER)].isspace())
     ):
-        return ["pass  # " + lines[0].rstrip("\r\n") + "\n", *lines[1:]]
+        # a comment keeps the header visible in tracebacks; characters Python cannot compile
+        # (a NUL byte) are masked so the cell still reaches nbagent's own name check
+        header = "".join(c if c.isprintable() else "?" for c in lines[0].rstrip("\r\n"))
+        return ["pass  # " + header + "\n", *lines[1:]]
     return lines
 
 

@@ -651,3 +651,11 @@ def test_current_run_without_a_run_is_an_error() -> None:
     with pytest.raises(nbagent.NbagentError, match="no nbagent run is open"):
         nbagent.current_run()
     assert nbagent.current_run(required=False) is None
+
+
+def test_step_names_with_control_characters_are_refused(ip: Any) -> None:
+    result = cell(ip, "%%step 'a\x00b'\nx = 1\n")
+    assert isinstance(result.error_in_exec, StepError)
+    assert "printable" in str(result.error_in_exec)
+    with pytest.raises(StepError, match="printable"):
+        nbagent.Run("tab\there")
