@@ -159,9 +159,9 @@ resumed = nbagent_cli("run", "agent.py", "--run", "crash-demo")
 # %% [markdown]
 # The trace of the run counts what really happened across both processes: each step executed
 # once to completion, the plan's LLM call was paid for once — before the crash — not again, and
-# the call that died with the process was billed at its reservation.
-# (`takeover`: the second process found `research` still locked by the dead one, and took it
-# over.)
+# the call that died with the process was billed at its reservation. (The dead process's lock
+# on `research` did not block the second one: the operating system frees a process's locks
+# when it dies.)
 
 # %%
 crash_run = nbagent.Run("crash-demo", store=work / "store", activate=False)

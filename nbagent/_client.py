@@ -560,13 +560,21 @@ class _Core:
         what = f"this {model} call"
         try:
             store = call.run.store
+            refusal: NbagentError | None = None
             with store.transaction():
-                call.reservation = call.run.reserve(worst, what=what)
-                if not call.idem_key:
+                # a refusal is caught inside: the transaction then commits the cap and alert
+                # rows the run wrote for it (an exception would roll them back)
+                try:
+                    call.reservation = call.run.reserve(worst, what=what)
+                except NbagentError as exc:
+                    refusal = exc
+                if refusal is None and not call.idem_key:
                     # outside a step: the run's call counter, just incremented by the
                     # reservation in this same transaction, makes ``run:R:call:N`` unique
                     n = store.counter(call.run.name, "llm_calls")
                     call.idem_key = f"run:{call.run.name}:call:{n}"
+            if refusal is not None:
+                raise refusal
         except NbagentError as exc:
             call.attempt += 1
             self.row(call, status="refused", error=f"{type(exc).__name__}: {exc}", latency=0.0)

@@ -260,6 +260,11 @@ def test_reservation_refuses_exactly_the_call_that_could_cross(run: nbagent.Run)
     assert run.spend_usd == spent and run.reserved_usd == 0
     rows = llm_rows(run)
     assert rows.iloc[-1].status == "refused" and rows.iloc[-1].cost_usd == 0
+    # the refusal is in the trace as a cap event and as an alert (what the dashboard shows)
+    trace = run.trace()
+    assert len(trace.query("kind == 'cap' and status == 'refused'")) == 1
+    assert len(trace.query("kind == 'alert' and name == 'cap'")) == 1
+    assert [a["kind"] for a in run.alerts()] == ["cap"]
 
     run.set_cap(usd=spent + worst + 2e-9)  # now it fits exactly
     ask(client, "hi", max_tokens=200)
