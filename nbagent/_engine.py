@@ -751,20 +751,24 @@ class Run:
                 self, name, occurrence, source_hash, inputs, record=record, cell_id=cell_id
             )
 
+        # n is None when the run has no step cap: the execution is counted when it ends
+        # (with the commit, or by abort), so beginning it writes nothing
         taken_over, n, run_record = self.store.begin_step(self.name, step_id)
+        counted = n is not None
         if self.store.get_step(self.name, step_id) != record:
             # another kernel or process committed this step between the decision above and
             # the lock: decide again from its record (replay it), never execute it twice
-            self.store.undo_begin(self.name, step_id)
+            self.store.undo_begin(self.name, step_id, counted)
             return self.begin(name, occurrence, source_hash, inputs, rerun=rerun, cell_id=cell_id)
         stop = run_record.get("stopped")
         cap = (run_record.get("caps") or {}).get("steps")
-        if stop or (cap is not None and n > cap):
-            self.store.undo_begin(self.name, step_id)
+        if stop or (n is not None and cap is not None and n > cap):
+            self.store.undo_begin(self.name, step_id, counted)
             if stop:
                 self.check_not_stopped()
+            done = n - 1 if n is not None else self.steps_executed
             message = (
-                f"step cap reached: run {self.name!r} already executed {n - 1} of its "
+                f"step cap reached: run {self.name!r} already executed {done} of its "
                 f"max_steps={cap} steps — possible loop. Step {step_id!r} was not run. "
                 "Raise the cap on purpose with `%nbagent cap --steps N` or run.set_cap(steps=N)."
             )
@@ -775,6 +779,7 @@ class Run:
             raise StepCapExceeded(message)
         ex = Execution(self, name, occurrence, source_hash, inputs, reason=reason, cell_id=cell_id)
         ex.previous = record  # read again under the lock above: commit need not read it
+        ex.uncounted = not counted
         if taken_over:
             self.record_event(
                 kind="step",
@@ -905,6 +910,9 @@ class Execution:
         #: the step's record before this execution, as seen under its lock (None: a new
         #: step); UNREAD when unknown, and then commit_step reads it
         self.previous: Any = UNREAD
+        #: the execution is not counted in the run's step count yet (no step cap at begin):
+        #: commit or abort counts it
+        self.uncounted = False
 
     # -- replay ---------------------------------------------------------------------------
 
@@ -1071,8 +1079,15 @@ class Execution:
         )
         try:  # the trace row is committed with the record
             self.run.store.commit_step(
-                self.run.name, self.step_id, record, blobs, previous=self.previous, trace=trace
+                self.run.name,
+                self.step_id,
+                record,
+                blobs,
+                previous=self.previous,
+                trace=trace,
+                count=self.uncounted,
             )
+            self.uncounted = False
         except BaseException:
             self.run.store.release_lock(self.run.name, self.step_id)
             raise
@@ -1097,7 +1112,12 @@ class Execution:
         if self.finished:
             return
         self.finished = True
-        self.run.store.release_lock(self.run.name, self.step_id)
+        try:
+            if self.uncounted:  # it ran (in part): it counts as a step execution
+                self.uncounted = False
+                self.run.store.incr(self.run.name, "steps")
+        finally:
+            self.run.store.release_lock(self.run.name, self.step_id)
         if error is not None:
             status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
             self.run.record_event(

@@ -418,8 +418,9 @@ class PgStore(Store):
         blobs: dict[str, bytes],
         previous: Any = UNREAD,
         trace: dict[str, Any] | None = None,
+        count: bool = False,
     ) -> None:
-        """Store a finished step and release its lock, in one transaction.
+        """Store a finished step and release its lock, in one transaction (see Store.commit_step).
 
         Large blobs are written first, outside the transaction; a crash before
         the transaction leaves orphan blobs, never a record naming a missing blob.
@@ -442,6 +443,8 @@ class PgStore(Store):
                     self._set_json(f"steps/{run}", ids)
             if trace is not None:
                 self.add_trace(trace)
+            if count:
+                self.incr(run, "steps")
             self.release_lock(run, step_id)
         for name in set(old.get("saved", [])) - set(blobs):
             self.delete_blob(f"{run}/{step_id}/{name}")
@@ -458,17 +461,20 @@ class PgStore(Store):
 
     def begin_step(
         self, run: str, step_id: str
-    ) -> tuple[dict[str, Any] | None, int, dict[str, Any]]:
-        """Lock a step and count its execution, in one transaction (see Store.begin_step)."""
+    ) -> tuple[dict[str, Any] | None, int | None, dict[str, Any]]:
+        """Lock a step and count its execution when the run has a step cap (see Store.begin_step)."""
         with self.transaction():
             record = self.get_run(run) or {}
             owner = self.acquire_lock(run, step_id)
+            if (record.get("caps") or {}).get("steps") is None:
+                return owner, None, record
             count = self.incr(run, "steps")
         return owner, count, record
 
-    def undo_begin(self, run: str, step_id: str) -> None:
+    def undo_begin(self, run: str, step_id: str, counted: bool = True) -> None:
         with self.transaction():
-            self.incr(run, "steps", -1)
+            if counted:
+                self.incr(run, "steps", -1)
             self.release_lock(run, step_id)
 
     # -- step locks: session advisory locks, freed by the server when a holder dies ---

@@ -625,6 +625,7 @@ class Store:
         blobs: dict[str, bytes],
         previous: Any = UNREAD,
         trace: dict[str, Any] | None = None,
+        count: bool = False,
     ) -> None:
         """Store a finished step in one transaction, then release its lock.
 
@@ -634,7 +635,8 @@ class Store:
         committed step always has its trace row). Large value blobs are written first, outside the transaction (so
         other processes are not blocked while a big file is written); a crash
         before the transaction leaves orphan blobs but never a record that points
-        at a missing blob.
+        at a missing blob. ``count``: also count the step's execution (in the same
+        transaction), for a step :meth:`begin_step` did not count.
         """
         small = {}
         for name, payload in blobs.items():
@@ -649,6 +651,8 @@ class Store:
             self._set_json(f"step/{run}/{step_id}", record)
             if trace is not None:
                 self.add_trace(trace)
+            if count:
+                self.incr(run, "steps")
         self.release_lock(run, step_id)  # after the commit: the next holder sees the record
         for name in set(old.get("saved", [])) - set(blobs):
             self.delete_blob(f"{run}/{step_id}/{name}")
@@ -670,16 +674,22 @@ class Store:
 
     def begin_step(
         self, run: str, step_id: str
-    ) -> tuple[dict[str, Any] | None, int, dict[str, Any]]:
-        """Lock a step and count its execution.
+    ) -> tuple[dict[str, Any] | None, int | None, dict[str, Any]]:
+        """Lock a step and, when the run has a step cap, count its execution.
 
         Returns (dead owner taken over or None, the run's new step count, the
         run record) so the caller can check the stop switch and the step cap
         (and undo with :meth:`undo_begin` when it refuses). No transaction: the
-        lock is a file lock and the count one atomic SQL statement.
+        lock is a file lock and the count one atomic SQL statement. Without a
+        ``max_steps`` cap nothing is written and the count is None: the caller
+        counts the execution when it ends (``commit_step(count=True)``, or
+        :meth:`incr` for a failed step). With a cap it is counted here, before
+        the body runs, so the cap holds across processes and crash loops.
         """
         record = self.get_run(run) or {}
         owner = self.acquire_lock(run, step_id)
+        if (record.get("caps") or {}).get("steps") is None:
+            return owner, None, record
         try:
             count = self.incr(run, "steps")
         except BaseException:
@@ -687,9 +697,10 @@ class Store:
             raise
         return owner, count, record
 
-    def undo_begin(self, run: str, step_id: str) -> None:
+    def undo_begin(self, run: str, step_id: str, counted: bool = True) -> None:
         try:
-            self.incr(run, "steps", -1)
+            if counted:
+                self.incr(run, "steps", -1)
         finally:
             self.release_lock(run, step_id)
 

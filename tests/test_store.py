@@ -495,3 +495,20 @@ def test_drop_run_removes_everything_of_that_run_only(tmp_path: Path) -> None:
     fill_two_runs(store)
     assert store.drop_run("gone") == 1
     check_only_gone_was_dropped(store)
+
+
+def test_without_a_step_cap_an_execution_is_counted_when_it_ends(tmp_path: Path) -> None:
+    run = nbagent.Run("r", store=tmp_path / "s")
+    ex = run.begin("a", 1, "h", {})
+    assert ex.uncounted and run.steps_executed == 0  # begin wrote nothing
+    ex.commit({"x": 1}, outputs=[], result=None)
+    assert run.steps_executed == 1
+    ex = run.begin("b", 1, "h", {})
+    ex.abort(RuntimeError("boom"))  # a failed step counts too, once
+    ex.abort(RuntimeError("again"))
+    assert run.steps_executed == 2
+    capped = nbagent.Run("c", store=tmp_path / "s", max_steps=5)
+    ex = capped.begin("a", 1, "h", {})
+    assert not ex.uncounted and capped.steps_executed == 1  # with a cap: counted at begin
+    ex.commit({}, outputs=[], result=None)
+    assert capped.steps_executed == 1
