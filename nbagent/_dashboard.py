@@ -1181,7 +1181,9 @@ class StepLine:
             self.html._nbagent_owner = self
         # the text a notebook keeps (frozen at display time): the outcome follows as a line
         self._initial_text = f"nbagent step {self.name!r} (live status)"
-        self.throttle = Throttle(self._flush)
+        # text only (no widget): nothing to redraw, so no throttle and no ticks; the
+        # events still update the counts the summary prints
+        self.throttle = Throttle(self._flush) if self.html is not None else None
         self._unsubscribe = run.subscribe(self._on_event)
         if self.html is not None:
             self._flush()
@@ -1214,7 +1216,8 @@ class StepLine:
                 self.error = f"{type(error).__name__}: {error}" if error is not None else None
             elif kind == "step_replayed":
                 self.state, self.ended = "replayed", ts
-        self.throttle.poke()
+        if self.throttle is not None:
+            self.throttle.poke()
 
     def text(self, now: float | None = None) -> str:
         """The one-line status (live while running, the summary once ended)."""
@@ -1252,7 +1255,7 @@ class StepLine:
             f'style="font-family:var(--jp-code-font-family,monospace);font-size:12px;'
             f'color:{color}">{html.escape(self.text())}</span>'
         )
-        if running and not self.finished:
+        if running and not self.finished and self.throttle is not None:
             self.throttle.poke(delay=TICK_S)
 
     def finish(self, *_args: Any) -> None:
@@ -1261,7 +1264,8 @@ class StepLine:
             return
         self.finished = True
         self._unsubscribe()
-        self.throttle.close()
+        if self.throttle is not None:
+            self.throttle.close()
         with self._lock:
             if self.state == "running":
                 self.state, self.ended = "ended", time.time()
@@ -1284,19 +1288,21 @@ class StepLine:
         return data
 
 
-def step_status_line(run: Run, step_id: str) -> StepLine:
+def step_status_line(run: Run, step_id: str, *, hook: bool = True) -> StepLine:
     """Show the live status line of a step that is starting; called by ``%%step``.
 
     With widgets the line is displayed now (on the calling thread, the cell's);
     without them nothing shows until the end. In an IPython shell the line
     finishes in the cell's ``post_run_cell`` (after nbagent's own hook has
-    committed or aborted the step) and prints its summary there.
+    committed or aborted the step) and prints its summary there; ``hook=False``
+    leaves calling :meth:`StepLine.finish` to the caller (``%%step`` calls it
+    at the end of its own ``post_run_cell``).
     """
     live = widgets_available()
     line = StepLine(run, step_id, widget=live)
     if live:
         _display(line)
-    shell = _shell()
+    shell = _shell() if hook else None
     if shell is not None and hasattr(shell, "events"):
 
         def done(*args: Any) -> None:

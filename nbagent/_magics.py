@@ -251,6 +251,7 @@ class _Pending:
         self.candidates: list[str] = []
         self.outputs: list[dict[str, Any]] = []
         self.restore: list[Any] = []
+        self.line: Any = None  # the step's status line, finished after the cell
 
 
 class NbagentExtension:
@@ -361,7 +362,7 @@ class NbagentExtension:
         pending.before = NamespaceSnapshot(ns)
         from ._dashboard import step_status_line  # live line; prints a summary after the cell
 
-        step_status_line(run, ex.step_id)
+        pending.line = step_status_line(run, ex.step_id, hook=False)
         self._capture(pending)
         # The commit runs inside the cell, after the body, so that a commit error
         # (--strict, a full disk) fails the cell; the last expression is shown
@@ -510,11 +511,14 @@ class NbagentExtension:
         self._uncapture(pending)
         _engine_set_notebook_step(None)
         ex = pending.ex
-        if ex.replay or ex.finished:
-            return
-        # the body failed or was interrupted (else _commit_in_cell finished the step)
-        error = result and (result.error_before_exec or result.error_in_exec)
-        ex.abort(error or RuntimeError("the cell did not finish"))
+        try:
+            if not (ex.replay or ex.finished):
+                # the body failed or was interrupted (else _commit_in_cell finished the step)
+                error = result and (result.error_before_exec or result.error_in_exec)
+                ex.abort(error or RuntimeError("the cell did not finish"))
+        finally:
+            if pending.line is not None:
+                pending.line.finish()  # prints the step's one-line summary
 
     def _commit_in_cell(self) -> None:
         """Commit the step; the last statement of a step cell, so its errors fail the cell."""

@@ -9,6 +9,7 @@ starts with ``_``) and that survives the simulated restart.
 from __future__ import annotations
 
 import pickle
+import threading
 import time
 from typing import Any
 
@@ -659,3 +660,19 @@ def test_step_names_with_control_characters_are_refused(ip: Any) -> None:
     assert "printable" in str(result.error_in_exec)
     with pytest.raises(StepError, match="printable"):
         nbagent.Run("tab\there")
+
+
+def test_text_status_line_prints_the_summary_without_hooks_or_timers(
+    ip: Any, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NBAGENT_WIDGETS", "0")
+    hooks = len(ip.events.callbacks["post_run_cell"])
+    threads = threading.active_count()
+    ok(ip, "%%step quiet\n_seen = len(get_ipython().events.callbacks['post_run_cell'])\n")
+    assert ip.user_ns["_seen"] == hooks  # no hook per step: %%step finishes the line itself
+    assert cell(ip, "%%step loud\nraise ValueError('nope')\n").error_in_exec is not None
+    assert len(ip.events.callbacks["post_run_cell"]) == hooks
+    assert threading.active_count() == threads
+    out = capsys.readouterr().out
+    assert "✓ step 'quiet' done · 1 attempt · " in out and " · 0 LLM calls · $0.00\n" in out
+    assert "✗ step 'loud' failed · 1 attempt · " in out and "ValueError: nope\n" in out
