@@ -962,14 +962,17 @@ class Execution:
     def replayed(self) -> None:
         self.finished = True
         rec = self.record or {}
-        self.run.record_event(
-            kind="step",
-            name=self.name,
-            step=self.step_id,
-            status="replayed",
-            replayed=1,
-            latency_s=time.perf_counter() - self._t0,
-        )
+        # the trace row of a replay is written with the process's next trace write or
+        # step commit, or when the trace is read (Store.add_trace(defer=True))
+        row = {
+            "kind": "step",
+            "name": self.name,
+            "step": self.step_id,
+            "status": "replayed",
+            "replayed": 1,
+            "latency_s": time.perf_counter() - self._t0,
+        }
+        self.run.store.add_trace(self.run._trace_row(row), defer=True)
         self.run._emit(
             {"type": "step_replayed", "step": self.step_id, "name": self.name, "record": rec}
         )

@@ -554,8 +554,11 @@ class PgStore(Store):
 
     # -- trace -----------------------------------------------------------------------
 
-    def add_trace(self, row: dict[str, Any]) -> None:
-        """Append one trace row (unknown keys go to the JSON ``detail`` column)."""
+    def add_trace(self, row: dict[str, Any], defer: bool = False) -> None:
+        """Append one trace row (unknown keys go to the JSON ``detail`` column).
+
+        ``defer`` is accepted for Store's signature; PostgreSQL rows are written now.
+        """
         values = _trace_values(row)
         self._conn().execute(
             f"INSERT INTO {self._t['trace']} ({', '.join(TRACE_COLUMNS)}) "

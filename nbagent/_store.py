@@ -27,6 +27,7 @@ signature does not verify is never unpickled.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fcntl
@@ -354,6 +355,9 @@ class Store:
         self._min_file_size: int = self._kv._disk.min_file_size
         # named like diskcache's own files, so Cache.check() neither reports nor deletes it
         self._lock_file = str(self.path / "cache.db-locks")
+        #: trace rows written later (``add_trace(defer=True)``: replays), in order
+        self._deferred: list[dict[str, Any]] = []
+        self._deferred_lock = threading.Lock()
 
     # -- private plumbing ---------------------------------------------------
 
@@ -651,6 +655,8 @@ class Store:
             self._set_json(f"step/{run}/{step_id}", record)
             if trace is not None:
                 self.add_trace(trace)
+            elif self._deferred:
+                self._flush_trace()
             if count:
                 self.incr(run, "steps")
         self.release_lock(run, step_id)  # after the commit: the next holder sees the record
@@ -764,14 +770,53 @@ class Store:
 
     # -- trace ----------------------------------------------------------------
 
-    def add_trace(self, row: dict[str, Any]) -> None:
-        """Append one trace row (unknown keys go to the JSON ``detail`` column)."""
+    def add_trace(self, row: dict[str, Any], defer: bool = False) -> None:
+        """Append one trace row (unknown keys go to the JSON ``detail`` column).
+
+        ``defer=True`` (a replay's row: it records nothing that must survive a
+        crash) keeps the row in memory, saving a write commit on the replay: it is
+        written, in order, before this store's next trace row (in the same
+        transaction, so with the next step commit), when the trace is read
+        (:meth:`trace_rows`) and when the process exits. A process killed before
+        that loses the rows of its latest replays, never anything else.
+        """
+        if defer:
+            row.setdefault("ts", time.time())  # when it happened, not when it is written
+            with self._deferred_lock:
+                if not self._deferred:
+                    _deferring.add(self)
+                self._deferred.append(row)
+            return
+        if self._deferred:
+            with self.transaction():
+                self._flush_trace()
+                self._rows(_INSERT_TRACE, tuple(trace_values(row)))
+            return
         self._rows(_INSERT_TRACE, tuple(trace_values(row)))
+
+    def _flush_trace(self) -> None:
+        """Write the deferred trace rows, in one transaction."""
+        with self._deferred_lock:
+            rows, self._deferred = self._deferred, []
+            _deferring.discard(self)
+        if not rows:
+            return
+        try:
+            with self.transaction():
+                for row in rows:
+                    self._rows(_INSERT_TRACE, tuple(trace_values(row)))
+        except BaseException:
+            with self._deferred_lock:
+                self._deferred[:0] = rows
+                _deferring.add(self)
+            raise
 
     def trace_rows(
         self, run: str | None = None, since_seq: int = 0
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Columns (with ``seq`` first) and rows of the trace, oldest first."""
+        if self._deferred:
+            self._flush_trace()
         sql = f"SELECT seq, {', '.join(TRACE_COLUMNS)} FROM trace WHERE seq > ?"
         args: tuple[Any, ...] = (since_seq,)
         if run is not None:
@@ -780,10 +825,26 @@ class Store:
         return ["seq", *TRACE_COLUMNS], self._rows(sql + " ORDER BY seq", args)
 
     def delete_trace(self, run: str) -> None:
+        if self._deferred:
+            self._flush_trace()
         self._rows("DELETE FROM trace WHERE run = ?", (run,))
 
     def close(self) -> None:
+        if self._deferred:
+            with contextlib.suppress(Exception):
+                self._flush_trace()
         self._kv.close()
+
+
+#: stores holding deferred trace rows; written when the process exits
+_deferring: set[Store] = set()
+
+
+@atexit.register
+def _flush_deferred_traces() -> None:
+    for store in list(_deferring):
+        with contextlib.suppress(Exception):
+            store._flush_trace()
 
 
 _open_stores: dict[Path, Store] = {}

@@ -512,3 +512,34 @@ def test_without_a_step_cap_an_execution_is_counted_when_it_ends(tmp_path: Path)
     assert not ex.uncounted and capped.steps_executed == 1  # with a cap: counted at begin
     ex.commit({}, outputs=[], result=None)
     assert capped.steps_executed == 1
+
+
+def test_replay_trace_rows_are_deferred_but_read_and_committed_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    run = nbagent.Run("r", store=path)
+    run.begin("a", 1, "h", {}).commit({"x": 1}, outputs=[], result=None)
+    ex = run.begin("a", 1, "h", {})
+    assert ex.replay
+    ex.replayed()
+    raw = sqlite3.connect(path / "cache.db")
+    statuses = "SELECT status FROM trace WHERE kind = 'step' ORDER BY seq"
+    assert raw.execute(statuses).fetchall() == [("done",)]  # not written yet: no commit
+    run.begin("b", 1, "h", {}).commit({}, outputs=[], result=None)  # written with this commit
+    assert raw.execute(statuses).fetchall() == [("done",), ("replayed",), ("done",)]
+    ex = run.begin("a", 1, "h", {})
+    ex.replayed()
+    cols, rows = run.store.trace_rows("r")  # reading the trace writes it first
+    status = cols.index("status")
+    assert [r[status] for r in rows if r[cols.index("kind")] == "step"][-1] == "replayed"
+    raw.close()
+    child = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import nbagent
+            run = nbagent.Run("r", store={str(path)!r})
+            run.begin("a", 1, "h", {{}}).replayed()
+        """)],
+        check=True,
+    )  # fmt: skip
+    assert child.returncode == 0
+    cols, rows = Store(path).trace_rows("r")
+    assert [r[cols.index("status")] for r in rows].count("replayed") == 3  # written at exit
