@@ -753,9 +753,9 @@ class Run:
 
         # n is None when the run has no step cap: the execution is counted when it ends
         # (with the commit, or by abort), so beginning it writes nothing
-        taken_over, n, run_record = self.store.begin_step(self.name, step_id)
+        taken_over, n, run_record, now = self.store.begin_step(self.name, step_id)
         counted = n is not None
-        if self.store.get_step(self.name, step_id) != record:
+        if now != record:
             # another kernel or process committed this step between the decision above and
             # the lock: decide again from its record (replay it), never execute it twice
             self.store.undo_begin(self.name, step_id, counted)

@@ -461,15 +461,16 @@ class PgStore(Store):
 
     def begin_step(
         self, run: str, step_id: str
-    ) -> tuple[dict[str, Any] | None, int | None, dict[str, Any]]:
+    ) -> tuple[dict[str, Any] | None, int | None, dict[str, Any], dict[str, Any] | None]:
         """Lock a step and count its execution when the run has a step cap (see Store.begin_step)."""
         with self.transaction():
             record = self.get_run(run) or {}
             owner = self.acquire_lock(run, step_id)
+            step = self.get_step(run, step_id)
             if (record.get("caps") or {}).get("steps") is None:
-                return owner, None, record
+                return owner, None, record, step
             count = self.incr(run, "steps")
-        return owner, count, record
+        return owner, count, record, step
 
     def undo_begin(self, run: str, step_id: str, counted: bool = True) -> None:
         with self.transaction():

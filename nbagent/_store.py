@@ -31,6 +31,7 @@ import atexit
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import hmac
 import json
@@ -299,15 +300,27 @@ _RUN_KINDS = ("ctr", "step", "stepidx", "blob", "lock", "llm", "effect")
 _INLINE_BLOB = 1 << 20
 
 _SELECT_RAW = "SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+_SELECT_RAW_2 = "SELECT key, mode, filename, value FROM Cache WHERE key IN (?, ?) AND raw = 1"
 # diskcache's row for a small value; replaces only a row whose value is not in a file
-_UPSERT_RAW = (
-    "INSERT INTO Cache (key, raw, store_time, expire_time, access_time, access_count, tag, "
-    "size, mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, NULL, 0, 1, NULL, ?) "
-    "ON CONFLICT (key, raw) DO UPDATE SET store_time = excluded.store_time, "
-    "expire_time = NULL, access_time = excluded.access_time, access_count = 0, tag = NULL, "
-    "size = 0, mode = 1, filename = NULL, value = excluded.value WHERE filename IS NULL "
-    "RETURNING rowid"
-)
+
+
+@functools.lru_cache(maxsize=64)
+def _upsert_raw(rows: int) -> str:
+    """UPSERT of ``rows`` small values (key, store_time, access_time, value each)."""
+    values = ", ".join(["(?, 1, ?, NULL, ?, 0, NULL, 0, 1, NULL, ?)"] * rows)
+    return (
+        "INSERT INTO Cache (key, raw, store_time, expire_time, access_time, access_count, tag, "
+        f"size, mode, filename, value) VALUES {values} "
+        "ON CONFLICT (key, raw) DO UPDATE SET store_time = excluded.store_time, "
+        "expire_time = NULL, access_time = excluded.access_time, access_count = 0, tag = NULL, "
+        "size = 0, mode = 1, filename = NULL, value = excluded.value WHERE filename IS NULL "
+        "RETURNING key"
+    )
+
+
+_UPSERT_RAW = _upsert_raw(1)
+#: at most this many rows per multi-row upsert (SQLite allows 32766 parameters)
+_UPSERT_BATCH = 200
 _INCR_RAW = (
     "UPDATE Cache SET value = value + ?, store_time = ? WHERE key = ? AND raw = 1 "
     "AND mode = 1 AND filename IS NULL AND typeof(value) = 'integer' RETURNING value"
@@ -476,8 +489,20 @@ class Store:
                 return
         self._kv.set(key, value, retry=True)  # large, or replacing a value kept in a file
 
-    def _get_json(self, key: str) -> Any:
-        raw = self._raw(key)
+    def _put_many(self, items: dict[str, str | bytes]) -> None:
+        """:meth:`_put` of several values with one statement per 200 small ones."""
+        small = [(k, v) for k, v in items.items() if len(v) < self._min_file_size]
+        stored: set[str] = set()
+        now = time.time()
+        for i in range(0, len(small), _UPSERT_BATCH):
+            batch = small[i : i + _UPSERT_BATCH]
+            args = tuple(x for key, value in batch for x in (key, now, now, value))
+            stored.update(key for (key,) in self._rows(_upsert_raw(len(batch)), args))
+        for key, value in items.items():
+            if key not in stored:  # large, or replacing a value kept in a file
+                self._kv.set(key, value, retry=True)
+
+    def _parse_json(self, key: str, raw: Any) -> Any:
         if raw is None:
             return None
         try:
@@ -488,6 +513,9 @@ class Store:
                 "not used. Reset that step (`%nbagent reset STEP`, run.reset([...])), or move the "
                 "store aside and start again with a fresh --store folder."
             ) from e
+
+    def _get_json(self, key: str) -> Any:
+        return self._parse_json(key, self._raw(key))
 
     def _set_json(self, key: str, value: Any) -> None:
         self._put(key, json.dumps(value, default=str))
@@ -538,7 +566,23 @@ class Store:
     # -- runs -----------------------------------------------------------------
 
     def _get_dict(self, key: str) -> dict[str, Any] | None:
-        value = self._get_json(key)
+        return self._as_dict(key, self._get_json(key))
+
+    def _get_dicts(
+        self, key: str, other: str
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """:meth:`_get_dict` of two keys with one SELECT."""
+        raw: dict[str, Any] = {}
+        for k, mode, filename, value in self._rows(_SELECT_RAW_2, (key, other)):
+            raw[k] = (
+                value if mode == diskcache.core.MODE_RAW and filename is None else self._kv.get(k)
+            )
+        return (
+            self._as_dict(key, self._parse_json(key, raw.get(key))),
+            self._as_dict(other, self._parse_json(other, raw.get(other))),
+        )
+
+    def _as_dict(self, key: str, value: Any) -> dict[str, Any] | None:
         if value is not None and not isinstance(value, dict):
             raise StoreError(
                 f"the entry {key!r} in the nbagent store at {self.path} is damaged (not a "
@@ -642,17 +686,16 @@ class Store:
         at a missing blob. ``count``: also count the step's execution (in the same
         transaction), for a step :meth:`begin_step` did not count.
         """
-        small = {}
+        rows: dict[str, str | bytes] = {}
         for name, payload in blobs.items():
             if len(payload) > _INLINE_BLOB:
                 self.put_blob(f"{run}/{step_id}/{name}", payload)
             else:
-                small[name] = payload
+                rows[f"blob/{run}/{step_id}/{name}"] = self.sign(payload)
+        rows[f"step/{run}/{step_id}"] = json.dumps(record, default=str)
         with self.transaction():
             old = (self.get_step(run, step_id) if previous is UNREAD else previous) or {}
-            for name, payload in small.items():
-                self.put_blob(f"{run}/{step_id}/{name}", payload)
-            self._set_json(f"step/{run}/{step_id}", record)
+            self._put_many(rows)  # the values and the record: one statement
             if trace is not None:
                 self.add_trace(trace)
             elif self._deferred:
@@ -680,28 +723,31 @@ class Store:
 
     def begin_step(
         self, run: str, step_id: str
-    ) -> tuple[dict[str, Any] | None, int | None, dict[str, Any]]:
+    ) -> tuple[dict[str, Any] | None, int | None, dict[str, Any], dict[str, Any] | None]:
         """Lock a step and, when the run has a step cap, count its execution.
 
         Returns (dead owner taken over or None, the run's new step count, the
-        run record) so the caller can check the stop switch and the step cap
-        (and undo with :meth:`undo_begin` when it refuses). No transaction: the
-        lock is a file lock and the count one atomic SQL statement. Without a
+        run record, the step's record read under the lock) so the caller can
+        check the stop switch and the step cap (and undo with :meth:`undo_begin`
+        when it refuses), and see whether another process committed the step in
+        the meantime. No transaction: the lock is a file lock, the two records
+        are read with one SELECT and the count is one atomic SQL statement. Without a
         ``max_steps`` cap nothing is written and the count is None: the caller
         counts the execution when it ends (``commit_step(count=True)``, or
         :meth:`incr` for a failed step). With a cap it is counted here, before
         the body runs, so the cap holds across processes and crash loops.
         """
-        record = self.get_run(run) or {}
         owner = self.acquire_lock(run, step_id)
-        if (record.get("caps") or {}).get("steps") is None:
-            return owner, None, record
         try:
-            count = self.incr(run, "steps")
+            step, record = self._get_dicts(f"step/{run}/{step_id}", f"run/{run}")
+            record = record or {}
+            count = None
+            if (record.get("caps") or {}).get("steps") is not None:
+                count = self.incr(run, "steps")
         except BaseException:
             self.release_lock(run, step_id)
             raise
-        return owner, count, record
+        return owner, count, record, step
 
     def undo_begin(self, run: str, step_id: str, counted: bool = True) -> None:
         try:
