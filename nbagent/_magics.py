@@ -7,20 +7,22 @@ How a ``%%step`` cell runs (see docs in the README for the why):
    top-level ``await``, the last expression's ``Out[]``, tracebacks with the
    cell's own line numbers and KeyboardInterrupt all behave as usual. The
    transformer is pure (IPython also calls it to check completeness).
-2. ``pre_run_cell`` reads the raw cell, fingerprints it (normalized source +
-   hashes of the values it reads) and asks the engine: replay or execute.
-   A replay restores the stored variables, shows the recorded output and
-   swaps the body for the recorded result through a one-shot AST
-   transformer, because an exception in ``pre_run_cell`` cannot skip a cell.
-   An execution tees stdout/stderr and display output while the body runs live.
-3. The same one-shot transformer appends the commit as the cell's last
-   statement, so a commit error (``--strict``, a full disk) fails the cell:
-   every variable the cell bound or rebound, and every earlier variable whose
-   value it changed in place, is stored. ``post_run_cell`` releases a step
-   whose body failed, storing nothing.
+2. ``pre_run_cell`` recognises the header and arms a one-shot override of
+   ``shell.transform_ast`` for this cell. When IPython has parsed the cell, the
+   override fingerprints the parsed body (normalized source + hashes of the
+   values it reads; the cell is not parsed twice) and asks the engine: replay
+   or execute. A replay restores the stored variables, shows the recorded
+   output and swaps the body for the recorded result (an exception in
+   ``pre_run_cell`` cannot skip a cell). An execution tees stdout/stderr and
+   display output while the body runs live.
+3. The same override appends the commit as the cell's last statement, so a
+   commit error (``--strict``, a full disk) fails the cell: every variable the
+   cell bound or rebound, and every earlier variable whose value it changed in
+   place, is stored. ``post_run_cell`` releases a step whose body failed,
+   storing nothing.
 
-Ordinary cells pay one ``str.startswith`` in ``pre_run_cell``: no AST
-transformer stays registered.
+Ordinary cells pay one ``str.startswith`` in ``pre_run_cell``: nothing stays
+registered with IPython's AST machinery.
 """
 
 from __future__ import annotations
@@ -202,18 +204,20 @@ def transform_header(lines: list[str]) -> list[str]:
 # -- the extension ---------------------------------------------------------------------
 
 
-class _OneShot(ast.NodeTransformer):
-    """Replaces the body of the next cell, then is removed in post_run_cell."""
+_POSITION = ("lineno", "col_offset", "end_lineno", "end_col_offset")
 
-    def __init__(self, make_body: Any) -> None:
-        self.make_body = make_body
 
-    def visit_Module(self, node: ast.Module) -> ast.Module:
-        body = node.body
-        if body and isinstance(body[0], ast.Pass) and body[0].lineno == 1:
-            body = body[1:]  # the header's `pass`: one statement less to compile and run
-        node.body = self.make_body(body)
-        return node
+def _position(node: ast.AST) -> dict[str, Any]:
+    return {k: getattr(node, k, None) for k in _POSITION}
+
+
+_HEADER_LINE = {"lineno": 1, "col_offset": 0, "end_lineno": 1, "end_col_offset": 0}
+
+
+def _nbagent_attr(attr: str, at: dict[str, Any]) -> ast.Attribute:
+    """``__nbagent__.<attr>``, located ``at`` (nodes nbagent adds carry their positions:
+    IPython's ``fix_missing_locations`` pass over the whole cell is skipped)."""
+    return ast.Attribute(ast.Name("__nbagent__", ast.Load(), **at), attr, ast.Load(), **at)
 
 
 def _show_last(body: list[ast.stmt], show: bool) -> list[ast.stmt]:
@@ -221,22 +225,20 @@ def _show_last(body: list[ast.stmt], show: bool) -> list[ast.stmt]:
     if not show or not body or not isinstance(body[-1], ast.Expr):
         return body
     last = body[-1]
-    func = ast.Attribute(ast.Name("__nbagent__", ast.Load()), "_show", ast.Load())
-    call = ast.copy_location(ast.Call(func, [last.value], []), last.value)
-    return [*body[:-1], ast.copy_location(ast.Expr(call), last)]  # keep end_lineno
+    at = _position(last.value)
+    call = ast.Call(_nbagent_attr("_show", at), [last.value], [], **at)
+    return [*body[:-1], ast.Expr(call, **_position(last))]  # keep end_lineno
 
 
 def _raise(exc: ast.expr) -> ast.Raise:
     """``raise <exc>`` on the cell's first line (the ``%%step`` header)."""
-    return ast.Raise(exc=exc, cause=None, lineno=1, col_offset=0)
+    return ast.Raise(exc=exc, cause=None, **_HEADER_LINE)
 
 
 def _call(attr: str) -> ast.Expr:
-    return ast.Expr(
-        ast.Call(ast.Attribute(ast.Name("__nbagent__", ast.Load()), attr, ast.Load()), [], []),
-        lineno=1,
-        col_offset=0,
-    )
+    """``__nbagent__.<attr>()`` on the cell's first line."""
+    call = ast.Call(_nbagent_attr(attr, _HEADER_LINE), [], [], **_HEADER_LINE)
+    return ast.Expr(call, **_HEADER_LINE)
 
 
 class _Pending:
@@ -261,7 +263,7 @@ class NbagentExtension:
         self.shell = shell
         self.run: Run | None = None
         self.pending: _Pending | None = None
-        self.transformer: _OneShot | None = None
+        self.make_body: Any = None  # see _replace_body
         self.cells: dict[tuple[str, str], str] = {}
         shell.input_transformers_cleanup.append(transform_header)
         shell.events.register("pre_run_cell", self.pre_run_cell)
@@ -312,31 +314,36 @@ class NbagentExtension:
         parsed = parse_header(raw)
         if parsed is None:
             return
+        cell_id = getattr(info, "cell_id", None)
+        # the step begins when IPython has parsed the cell (its tree is fingerprinted, not
+        # parsed again); a body IPython cannot parse begins nothing, IPython reports it
+        self._replace_body(lambda body: self._step_body(parsed, cell_id, body))
+
+    def _step_body(
+        self, parsed: tuple[str, str], cell_id: str | None, body: list[ast.stmt]
+    ) -> list[ast.stmt]:
+        """The statements a ``%%step`` cell runs instead of its body (begins the step)."""
         try:
-            self._begin_step(parsed, getattr(info, "cell_id", None))
+            return self._begin_step(parsed, cell_id, body)
         except _HelpShown:  # argparse printed the help
-            self._replace_body(lambda body: [])
+            return []
         except BaseException as e:  # surfaces as the cell's error, with a normal traceback
             self.pending = _Pending(None, None)
             self.pending.error = e
-            self._replace_body(lambda body: [_raise(_call("_pending_error").value)])
+            return [_raise(_call("_pending_error").value)]
 
-    def _begin_step(self, parsed: tuple[str, str], cell_id: str | None) -> None:
-        header, body = parsed
-        try:
-            argv = shlex.split(header)
-        except ValueError as e:
-            raise StepError(f"%%step: cannot read the options {header!r} ({e})") from None
-        args = parse_step_args(argv)
-        try:  # most bodies are plain Python: skip IPython's (slower) transform
-            transformed = body
-            tree = ast.parse(body)
-        except SyntaxError:
-            transformed = self.shell.transform_cell(body)
+    def _begin_step(
+        self, parsed: tuple[str, str], cell_id: str | None, body: list[ast.stmt]
+    ) -> list[ast.stmt]:
+        header, text = parsed
+        argv = header.split()
+        if any(c in header for c in "'\"\\"):
             try:
-                tree = ast.parse(transformed)
-            except SyntaxError:
-                return  # IPython reports the syntax error itself; nothing is begun
+                argv = shlex.split(header)
+            except ValueError as e:
+                raise StepError(f"%%step: cannot read the options {header!r} ({e})") from None
+        args = parse_step_args(argv)
+        tree = ast.Module(body=body, type_ignores=[])
         run = self.current()
         name = args.name
         key = (run.name, name)
@@ -355,30 +362,27 @@ class NbagentExtension:
         pending = self.pending = _Pending(ex, args)
         if ex.replay:
             self._replay(ex)
-            return
+            return [_call("_replay_result")]
         if ex.reason:
             print(f"▶ step {name!r} runs again: {ex.reason}")
         pending.candidates = candidates
-        pending.before = NamespaceSnapshot(ns)
         from ._dashboard import step_status_line  # live line; prints a summary after the cell
 
         pending.line = step_status_line(run, ex.step_id, hook=False)
-        self._capture(pending)
         # The commit runs inside the cell, after the body, so that a commit error
         # (--strict, a full disk) fails the cell; the last expression is shown
         # explicitly (a trailing `;` still hides it, as in IPython).
-        show_last = not transformed.rstrip().endswith(";")
+        show_last = not text.rstrip().endswith(";")
         if args.retries or args.timeout:
-            self._replace_body(
-                lambda body: [*self._wrap_attempts(body, show_last), _call("_commit_in_cell")]
-            )
+            body = [*self._wrap_attempts(body, show_last), _call("_commit_in_cell")]
         else:
             ex.attempts = 1
             ex.context.new_attempt(1)
             _engine_set_notebook_step(ex)
-            self._replace_body(
-                lambda body: [*_show_last(body, show_last), _call("_commit_in_cell")]
-            )
+            body = [*_show_last(body, show_last), _call("_commit_in_cell")]
+        pending.before = NamespaceSnapshot(ns)  # last: what the body binds is what changes
+        self._capture(pending)
+        return body
 
     # -- replay --------------------------------------------------------------------
 
@@ -399,7 +403,6 @@ class NbagentExtension:
                 )
         self._replay_values = values
         ex.replayed()
-        self._replace_body(lambda body: [_call("_replay_result")])
 
     def _replay_result(self) -> Any:
         """The recorded value of the cell's last expression (shown as ``Out[n]``)."""
@@ -555,15 +558,31 @@ class NbagentExtension:
             )
 
     def _replace_body(self, make_body: Any) -> None:
+        """Run ``make_body(statements)`` on the next cell's parsed body; run what it returns.
+
+        A one-shot override of ``shell.transform_ast`` (an instance attribute,
+        removed on first use and in post_run_cell): unlike a registered AST
+        transformer it spares the cell IPython's ``fix_missing_locations`` walk,
+        and exceptions stay nbagent's to report (IPython unregisters a raising
+        transformer with a warning).
+        """
+        self.make_body = make_body
+        self.shell.transform_ast = self._transform_ast
+
+    def _transform_ast(self, node: Any) -> Any:
         self._remove_transformer()
-        self.transformer = _OneShot(make_body)
-        self.shell.ast_transformers.append(self.transformer)
+        node = self.shell.transform_ast(node)  # other extensions' AST transformers
+        make_body, self.make_body = self.make_body, None
+        if make_body is not None and isinstance(node, ast.Module):
+            body = node.body
+            if body and isinstance(body[0], ast.Pass) and body[0].lineno == 1:
+                body = body[1:]  # the header's `pass`: one statement less to compile and run
+            node.body = make_body(body)
+        return node
 
     def _remove_transformer(self) -> None:
-        if self.transformer is not None:
-            with contextlib.suppress(ValueError):
-                self.shell.ast_transformers.remove(self.transformer)
-            self.transformer = None
+        if "transform_ast" in vars(self.shell):
+            del self.shell.transform_ast
 
 
 def _engine_set_notebook_step(ex: Execution | None) -> None:

@@ -275,6 +275,7 @@ _lock_fds_mutex = threading.Lock()
 _FLOCK = struct.Struct("hhqqi4x")
 
 
+@functools.lru_cache(maxsize=4096)
 def _lock_offset(run: str, step_id: str) -> int:
     """The byte of the lock file that stands for a step: 62 bits of its SHA-1."""
     digest = hashlib.sha1(f"{run}/{step_id}".encode(), usedforsecurity=False).digest()
@@ -528,8 +529,17 @@ class Store:
 
     # -- blobs (signed pickles) ---------------------------------------------
 
+    def _mac(self, payload: bytes | memoryview) -> bytes:
+        """HMAC-SHA256 of a payload with the store's key (keyed once, then copied per call)."""
+        keyed = self.__dict__.get("_keyed")
+        if keyed is None:
+            keyed = self.__dict__["_keyed"] = hmac.new(self._key, digestmod=hashlib.sha256)
+        mac = keyed.copy()
+        mac.update(payload)
+        return mac.digest()
+
     def sign(self, payload: bytes) -> bytes:
-        return _BLOB_MAGIC + hmac.digest(self._key, payload, "sha256") + payload
+        return _BLOB_MAGIC + self._mac(payload) + payload
 
     def verify(self, blob: bytes) -> bytes | None:
         """The payload of a signed blob, or None when it was not signed by this store's key."""
@@ -537,9 +547,7 @@ class Store:
         if not isinstance(blob, bytes) or blob[: len(_BLOB_MAGIC)] != _BLOB_MAGIC:
             return None
         payload = memoryview(blob)[head:]
-        if not hmac.compare_digest(
-            blob[len(_BLOB_MAGIC) : head], hmac.digest(self._key, payload, "sha256")
-        ):
+        if not hmac.compare_digest(blob[len(_BLOB_MAGIC) : head], self._mac(payload)):
             return None
         return bytes(payload) if len(payload) < 1 << 20 else payload  # type: ignore[return-value]
 
