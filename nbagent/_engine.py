@@ -1152,32 +1152,60 @@ def user_globals(namespace: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in namespace.items() if fp.is_user_name(k)}
 
 
-class NamespaceSnapshot:
-    """Every name of a namespace and its object, before a step body runs.
+#: (keys, the user's names among them) of the namespace snapshotted last; see _user_names
+_scanned: tuple[list[str], list[str]] = ([], [])
 
-    What :func:`user_globals` gives, but cheap to take and to compare on a
-    namespace of thousands of names (IPython adds ``_iN`` per cell): two list
-    copies now, and after the body a position-by-position identity check in C
-    (a dict keeps its order; rebinding a name keeps its place, new names go
-    last). Objects are held, so an id cannot be reused to hide a rebinding.
+
+def _user_names(keys: list[str]) -> list[str]:
+    """The user's names among a namespace's keys, in order, without testing every key.
+
+    A dict keeps insertion order and only appends, so when the keys seen last
+    time are still the first keys, only the names added since are tested. The
+    answer depends on the keys alone, so one cache serves every namespace (a
+    different one simply does not match and is scanned whole).
+    """
+    global _scanned
+    seen, names = _scanned
+    if keys[: len(seen)] == seen:  # compared in C; the keys are the same str objects
+        names = names + [k for k in keys[len(seen) :] if fp.is_user_name(k)]
+    else:  # a name was deleted, or another namespace
+        names = [k for k in keys if fp.is_user_name(k)]
+    _scanned = (keys, names)
+    return names
+
+
+class NamespaceSnapshot:
+    """The user's names of a namespace and their objects, before a step body runs.
+
+    What :func:`user_globals` gives, but cheap on a namespace of thousands of
+    names (IPython adds ``_iN`` per cell): the key list is copied in C, the
+    user's names among the keys are found incrementally (:func:`_user_names`)
+    and only their objects are held and compared by identity after the body.
+    Objects are held, so an id cannot be reused to hide a rebinding.
     """
 
-    __slots__ = ("names", "objects")
+    __slots__ = ("keys", "names", "objects")
 
     def __init__(self, namespace: dict[str, Any]) -> None:
-        self.names = list(namespace)
-        self.objects = list(namespace.values())
+        self.keys = list(namespace)
+        self.names = _user_names(self.keys)
+        self.objects = list(map(namespace.__getitem__, self.names))
 
     def diff(self, namespace: dict[str, Any]) -> tuple[set[str], set[str]]:
-        """(names bound or rebound since the snapshot, names deleted), user's or not."""
-        names = self.names
+        """(user names bound or rebound since the snapshot, user names deleted)."""
+        keys = self.keys
         now = list(namespace)
-        if now[: len(names)] == names:  # nothing deleted or moved
-            bound = set(compress(names, map(operator.is_not, self.objects, namespace.values())))
-            bound.update(now[len(names) :])
+        if now[: len(keys)] == keys:  # nothing deleted or moved: new names come last
+            after = map(namespace.__getitem__, self.names)
+            bound = set(compress(self.names, map(operator.is_not, self.objects, after)))
+            bound.update(k for k in now[len(keys) :] if fp.is_user_name(k))
             return bound, set()
-        before = dict(zip(names, self.objects, strict=True))
-        bound = {k for k, v in namespace.items() if before.get(k, _MISSING) is not v}
+        before = dict(zip(self.names, self.objects, strict=True))
+        bound = {
+            k
+            for k, v in namespace.items()
+            if fp.is_user_name(k) and before.get(k, _MISSING) is not v
+        }
         return bound, before.keys() - namespace.keys()
 
 
@@ -1199,10 +1227,9 @@ def names_to_store(
     names, ``exclude`` drops names.
     """
     if isinstance(before, NamespaceSnapshot):
-        bound, gone = before.diff(namespace)
-        changed = {k for k in bound if fp.is_user_name(k)}
-        kept = [n for n in candidates if n in namespace and n not in bound]
-        deleted = sorted(k for k in gone if fp.is_user_name(k))
+        changed, gone = before.diff(namespace)
+        kept = [n for n in candidates if n in namespace and n not in changed]
+        deleted = sorted(gone)
     else:
         changed = {
             k

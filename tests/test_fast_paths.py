@@ -53,6 +53,29 @@ def test_snapshot_matches_user_globals() -> None:
     assert names_to_store(ns, snap, [], {}) == ([], [])
 
 
+def test_snapshot_matches_user_globals_across_many_cells() -> None:
+    """Random bindings, rebindings, deletions and IPython names, between and inside bodies."""
+    import random
+
+    rnd = random.Random(7)
+    ns: dict[str, Any] = {}
+    pool = [f"v{i}" for i in range(12)] + [f"_i{i}" for i in range(12)] + ["Out", "_"]
+
+    def churn(ns: dict[str, Any], n: int) -> None:
+        for _ in range(n):
+            name, op = rnd.choice(pool), rnd.random()
+            if op < 0.2:
+                ns.pop(name, None)
+            elif op < 0.4 and isinstance(ns.get(name), list):
+                ns[name].append(1)  # in place
+            else:
+                ns[name] = [rnd.random()] if op < 0.7 else rnd.randrange(3)
+
+    for _ in range(300):
+        churn(ns, rnd.randrange(4))  # ordinary cells
+        _both(ns, lambda ns: churn(ns, rnd.randrange(4)), [n for n in ns if n[0] == "v"][:3], {})
+
+
 def test_raw_rows_are_diskcache_rows(tmp_path: Any) -> None:
     """Values written by the store's one-statement paths read back through diskcache itself."""
     from nbagent._store import Store
