@@ -59,19 +59,21 @@ def test_snapshot_matches_user_globals_across_many_cells() -> None:
 
     rnd = random.Random(7)
     ns: dict[str, Any] = {}
-    pool = [f"v{i}" for i in range(12)] + [f"_i{i}" for i in range(12)] + ["Out", "_"]
+    pool = [f"v{i}" for i in range(8)] + [f"_i{i}" for i in range(6)] + ["Out", "_"]
 
     def churn(ns: dict[str, Any], n: int) -> None:
         for _ in range(n):
             name, op = rnd.choice(pool), rnd.random()
             if op < 0.2:
                 ns.pop(name, None)
-            elif op < 0.4 and isinstance(ns.get(name), list):
+            elif op < 0.3 and isinstance(ns.get(name), list):
                 ns[name].append(1)  # in place
+            elif op < 0.4 and name in ns:
+                ns[name] = ns.pop(name)  # the same object, moved to the end
             else:
                 ns[name] = [rnd.random()] if op < 0.7 else rnd.randrange(3)
 
-    for _ in range(300):
+    for _ in range(2000):
         churn(ns, rnd.randrange(4))  # ordinary cells
         _both(ns, lambda ns: churn(ns, rnd.randrange(4)), [n for n in ns if n[0] == "v"][:3], {})
 
