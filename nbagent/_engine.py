@@ -35,7 +35,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from itertools import compress
+from itertools import compress, takewhile
 from typing import Any, TypeVar
 
 import cloudpickle
@@ -1152,53 +1152,49 @@ def user_globals(namespace: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in namespace.items() if fp.is_user_name(k)}
 
 
-#: (keys, the user's names among them) of the namespace snapshotted last; see _user_names
-_scanned: tuple[list[str], list[str]] = ([], [])
-
-
-def _user_names(keys: list[str]) -> list[str]:
-    """The user's names among a namespace's keys, in order, without testing every key.
-
-    A dict keeps insertion order and only appends, so when the keys seen last
-    time are still the first keys, only the names added since are tested. The
-    answer depends on the keys alone, so one cache serves every namespace (a
-    different one simply does not match and is scanned whole).
-    """
-    global _scanned
-    seen, names = _scanned
-    if keys[: len(seen)] == seen:  # compared in C; the keys are the same str objects
-        names = names + [k for k in keys[len(seen) :] if fp.is_user_name(k)]
-    else:  # a name was deleted, or another namespace
-        names = [k for k in keys if fp.is_user_name(k)]
-    _scanned = (keys, names)
-    return names
+#: nbagent's own name in a notebook's namespace (the extension object); see NamespaceWatch
+MARK = "__nbagent__"
 
 
 class NamespaceSnapshot:
     """The user's names of a namespace and their objects, before a step body runs.
 
-    What :func:`user_globals` gives, but cheap on a namespace of thousands of
-    names (IPython adds ``_iN`` per cell): the key list is copied in C, the
-    user's names among the keys are found incrementally (:func:`_user_names`)
-    and only their objects are held and compared by identity after the body.
-    Objects are held, so an id cannot be reused to hide a rebinding.
+    What :func:`user_globals` gives, in a form that is cheap to compare after
+    the body: the user's objects are compared by identity, position by position
+    (holding them means an id cannot be reused to hide a rebinding). A dict
+    keeps insertion order (rebinding keeps a name's place, new names go last),
+    so when no name was deleted, names added by the body are the keys after the
+    snapshot's. Take snapshots of a notebook namespace with
+    :meth:`NamespaceWatch.snapshot`, which avoids the scans of every key done here.
     """
 
-    __slots__ = ("keys", "names", "objects")
+    __slots__ = ("keys", "length", "names", "objects", "marked")
 
-    def __init__(self, namespace: dict[str, Any]) -> None:
-        self.keys = list(namespace)
-        self.names = _user_names(self.keys)
+    def __init__(
+        self, namespace: dict[str, Any], names: list[str] | None = None, marked: bool = False
+    ) -> None:
+        #: every key (None when marked: the keys added later are found after the mark)
+        self.keys = None if marked else list(namespace)
+        self.length = len(namespace)
+        self.marked = marked
+        self.names = [k for k in namespace if fp.is_user_name(k)] if names is None else names
         self.objects = list(map(namespace.__getitem__, self.names))
+
+    def added(self, namespace: dict[str, Any]) -> list[str] | None:
+        """Keys added since the snapshot, in order; None if a key it had was deleted."""
+        if self.marked:
+            return _added_after_mark(namespace, self.length)
+        now = list(namespace)
+        keys = self.keys or []
+        return now[len(keys) :] if now[: len(keys)] == keys else None
 
     def diff(self, namespace: dict[str, Any]) -> tuple[set[str], set[str]]:
         """(user names bound or rebound since the snapshot, user names deleted)."""
-        keys = self.keys
-        now = list(namespace)
-        if now[: len(keys)] == keys:  # nothing deleted or moved: new names come last
+        added = self.added(namespace)
+        if added is not None:  # nothing deleted: every name of the snapshot is still there
             after = map(namespace.__getitem__, self.names)
             bound = set(compress(self.names, map(operator.is_not, self.objects, after)))
-            bound.update(k for k in now[len(keys) :] if fp.is_user_name(k))
+            bound.update(k for k in added if fp.is_user_name(k))
             return bound, set()
         before = dict(zip(self.names, self.objects, strict=True))
         bound = {
@@ -1207,6 +1203,47 @@ class NamespaceSnapshot:
             if fp.is_user_name(k) and before.get(k, _MISSING) is not v
         }
         return bound, before.keys() - namespace.keys()
+
+
+def _added_after_mark(namespace: dict[str, Any], length: int) -> list[str] | None:
+    """Keys after :data:`MARK` (oldest first), for a namespace that had ``length`` keys when
+    the mark was moved to its end; None when a key older than the mark was deleted since
+    (the count does not add up) or the mark is gone."""
+    added = list(takewhile(MARK.__ne__, reversed(namespace)))
+    if len(added) == len(namespace) or len(namespace) != length + len(added):
+        return None
+    added.reverse()
+    return added
+
+
+class NamespaceWatch:
+    """Snapshots of a notebook's namespace whose cost grows with the user's names only.
+
+    IPython adds names per cell (``_iN``, ``_N``): a namespace of a long session
+    has thousands, and scanning them all twice per step is most of a snapshot's
+    cost. Instead, each snapshot moves nbagent's own name :data:`MARK` (nothing
+    else touches it) to the end of the namespace: every name added later comes
+    after it and is found by walking back from the end, and a deletion shows in
+    the count. The user's names are kept from one snapshot to the next.
+    """
+
+    def __init__(self, namespace: dict[str, Any]) -> None:
+        self.namespace = namespace
+        self.length = -1  # the namespace's size after the last snapshot (-1: none yet)
+        self.names: list[str] = []  # the user's names then
+
+    def snapshot(self) -> NamespaceSnapshot:
+        ns = self.namespace
+        if MARK not in ns:
+            return NamespaceSnapshot(ns)
+        added = _added_after_mark(ns, self.length) if self.length >= 0 else None
+        if added is None:
+            names = [k for k in ns if fp.is_user_name(k)]
+        else:
+            names = self.names + [k for k in added if fp.is_user_name(k)]
+        ns[MARK] = ns.pop(MARK)  # to the end: what the body adds comes after it
+        self.length, self.names = len(ns), names
+        return NamespaceSnapshot(ns, names, marked=True)
 
 
 def names_to_store(

@@ -43,6 +43,7 @@ from . import _fingerprint as fp
 from ._engine import (
     Execution,
     NamespaceSnapshot,
+    NamespaceWatch,
     Run,
     current_run,
     format_usd,
@@ -264,6 +265,7 @@ class NbagentExtension:
         self.run: Run | None = None
         self.pending: _Pending | None = None
         self.make_body: Any = None  # see _replace_body
+        self.watch: NamespaceWatch | None = None
         self.cells: dict[tuple[str, str], str] = {}
         shell.input_transformers_cleanup.append(transform_header)
         shell.events.register("pre_run_cell", self.pre_run_cell)
@@ -380,7 +382,9 @@ class NbagentExtension:
             ex.context.new_attempt(1)
             _engine_set_notebook_step(ex)
             body = [*_show_last(body, show_last), _call("_commit_in_cell")]
-        pending.before = NamespaceSnapshot(ns)  # last: what the body binds is what changes
+        if self.watch is None or self.watch.namespace is not ns:
+            self.watch = NamespaceWatch(ns)
+        pending.before = self.watch.snapshot()  # last: what the body binds is what changes
         self._capture(pending)
         return body
 

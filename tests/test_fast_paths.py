@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from nbagent._engine import NamespaceSnapshot, names_to_store, user_globals
+from nbagent._engine import MARK, NamespaceSnapshot, NamespaceWatch, names_to_store, user_globals
 
 
-def _both(ns: dict[str, Any], body: Any, candidates: list[str], inputs: dict[str, str]) -> None:
-    snap, plain = NamespaceSnapshot(ns), user_globals(ns)
+def _both(
+    ns: dict[str, Any],
+    body: Any,
+    candidates: list[str],
+    inputs: dict[str, str],
+    watch: NamespaceWatch | None = None,
+) -> None:
+    plain = user_globals(ns)
+    snap = watch.snapshot() if watch is not None else NamespaceSnapshot(ns)
     body(ns)
     assert names_to_store(ns, snap, candidates, inputs) == names_to_store(
         ns, plain, candidates, inputs
@@ -73,9 +80,13 @@ def test_snapshot_matches_user_globals_across_many_cells() -> None:
             else:
                 ns[name] = [rnd.random()] if op < 0.7 else rnd.randrange(3)
 
+    marked: dict[str, Any] = {MARK: object()}  # a notebook's namespace holds nbagent's name
+    watch = NamespaceWatch(marked)
     for _ in range(2000):
-        churn(ns, rnd.randrange(4))  # ordinary cells
-        _both(ns, lambda ns: churn(ns, rnd.randrange(4)), [n for n in ns if n[0] == "v"][:3], {})
+        for space, w in ((ns, None), (marked, watch)):
+            churn(space, rnd.randrange(4))  # ordinary cells
+            some = [n for n in space if n[0] == "v"][:3]
+            _both(space, lambda space: churn(space, rnd.randrange(4)), some, {}, w)
 
 
 def test_raw_rows_are_diskcache_rows(tmp_path: Any) -> None:
