@@ -292,6 +292,8 @@ class Run:
         self._observers: list[Callable[[dict[str, Any]], None]] = []
         self._alert_hooks: list[Callable[[dict[str, Any]], None]] = []
         self._occurrences: dict[str, int] = {}
+        #: ids of the steps this process knows are stored (read lazily; see begin)
+        self._stored_ids: set[str] | None = None
         record = self.store.get_run(self.name)
         if record is None:
             record = {
@@ -695,6 +697,7 @@ class Run:
                 chosen += [m for m in match if m not in chosen]
         for step_id in chosen:
             self.store.drop_step(self.name, step_id)
+            self._stored().discard(step_id)
         if chosen:
             self.record_event(
                 kind="control", name="reset", status="reset", detail={"steps": chosen}
@@ -703,6 +706,16 @@ class Run:
         return chosen
 
     # -- the step verbs ------------------------------------------------------------------
+
+    def _stored(self) -> set[str]:
+        """Ids of the run's stored steps as this process knows them.
+
+        Read once, then kept up to date by this process's commits and resets;
+        other processes' changes are found under the step's lock (see begin).
+        """
+        if self._stored_ids is None:
+            self._stored_ids = set(self.store.step_ids(self.name))
+        return self._stored_ids
 
     def next_occurrence(self, name: str) -> int:
         n = self._occurrences.get(name, 0) + 1
@@ -719,33 +732,16 @@ class Run:
         rerun: bool = False,
         cell_id: str | None = None,
     ) -> Execution:
-        """Decide replay or execute for one step; for execute, enforce stop and step cap and lock it."""
+        """Decide replay or execute for one step; for execute, enforce stop and step cap and lock it.
+
+        A step this process knows to be stored is read first, without its lock
+        (a replay takes no lock). Any other step is locked first and read under
+        the lock: one read, and no other process can commit it meanwhile.
+        """
         name = check_name("step", name)
         step_id = f"{name}#{occurrence}"
-        record = self.store.get_step(self.name, step_id)
-        reason: str | None = None
-        if record is not None:
-            if rerun:
-                reason = "--rerun"
-            elif record.get("source_hash") != source_hash:
-                reason = "source changed"
-            else:
-                old = record.get("inputs", {})
-                # a value equal to what the step itself left behind is not a change: running
-                # a cell twice in one kernel (it reads what it bound or appended to) replays
-                after = record.get("after", {})
-                changed = sorted(
-                    n
-                    for n in set(old) | set(inputs)
-                    if old.get(n) != inputs.get(n) and after.get(n, "") != inputs.get(n)
-                )
-                if changed:
-                    shown = ", ".join(f"`{n}`" for n in changed[:3]) + (
-                        ", ..." if len(changed) > 3 else ""
-                    )
-                    reason = (
-                        f"input {shown} changed" if len(changed) == 1 else f"inputs {shown} changed"
-                    )
+        record = self.store.get_step(self.name, step_id) if step_id in self._stored() else None
+        reason = _why_execute(record, source_hash, inputs, rerun)
         if record is not None and reason is None:
             return Execution(
                 self, name, occurrence, source_hash, inputs, record=record, cell_id=cell_id
@@ -756,10 +752,15 @@ class Run:
         taken_over, n, run_record, now = self.store.begin_step(self.name, step_id)
         counted = n is not None
         if now != record:
-            # another kernel or process committed this step between the decision above and
-            # the lock: decide again from its record (replay it), never execute it twice
-            self.store.undo_begin(self.name, step_id, counted)
-            return self.begin(name, occurrence, source_hash, inputs, rerun=rerun, cell_id=cell_id)
+            # committed (by another kernel or process) or dropped since this process last
+            # looked: decide from what is stored now, under the lock; never execute twice
+            record, reason = now, _why_execute(now, source_hash, inputs, rerun)
+            if record is not None and reason is None:
+                self.store.undo_begin(self.name, step_id, counted)
+                self._stored().add(step_id)
+                return Execution(
+                    self, name, occurrence, source_hash, inputs, record=record, cell_id=cell_id
+                )
         stop = run_record.get("stopped")
         cap = (run_record.get("caps") or {}).get("steps")
         if stop or (n is not None and cap is not None and n > cap):
@@ -857,6 +858,34 @@ def function_source_hash(fn: Callable[..., Any]) -> str:
         h = fp._Hasher()
         h.code(fn.__code__)
         return h.h.hexdigest()
+
+
+def _why_execute(
+    record: dict[str, Any] | None, source_hash: str, inputs: dict[str, str], rerun: bool
+) -> str | None:
+    """Why a step with this record executes again (a one-line reason), or None: replay it.
+
+    None also for a step without a record (it simply runs).
+    """
+    if record is None:
+        return None
+    if rerun:
+        return "--rerun"
+    if record.get("source_hash") != source_hash:
+        return "source changed"
+    old = record.get("inputs", {})
+    # a value equal to what the step itself left behind is not a change: running
+    # a cell twice in one kernel (it reads what it bound or appended to) replays
+    after = record.get("after", {})
+    changed = sorted(
+        n
+        for n in set(old) | set(inputs)
+        if old.get(n) != inputs.get(n) and after.get(n, "") != inputs.get(n)
+    )
+    if not changed:
+        return None
+    shown = ", ".join(f"`{n}`" for n in changed[:3]) + (", ..." if len(changed) > 3 else "")
+    return f"input {shown} changed" if len(changed) == 1 else f"inputs {shown} changed"
 
 
 # -- one execution or replay of a step ------------------------------------------------
@@ -1096,6 +1125,7 @@ class Execution:
             raise
         self.finished = True
         self.record = record
+        self.run._stored().add(self.step_id)
         self.run._emit(
             {"type": "step_done", "step": self.step_id, "name": self.name, "record": record}
         )
