@@ -1235,13 +1235,15 @@ class StepLine:
                 return (
                     f"⏳ step {self.name!r} · running · {attempts} · {elapsed} · {calls} · {cost}"
                 )
-            mark = {"done": "✓", "replayed": "↺"}.get(self.state, "✗")
-            plural = "s" if self.attempt != 1 else ""
-            line = (
-                f"{mark} step {self.name!r} {self.state} · {self.attempt} attempt{plural} · "
-                f"{elapsed} · {calls} · {cost}"
+            return summary_text(
+                self.name,
+                self.state,
+                self.attempt,
+                end - self.t0,
+                self.calls,
+                self.cost_usd,
+                self.error,
             )
-            return line + (f" · {self.error}" if self.error else "")
 
     def _flush(self) -> None:
         if self.html is None:
@@ -1286,6 +1288,25 @@ class StepLine:
         if isinstance(data, dict):
             data["text/plain"] = repr(self)
         return data
+
+
+def summary_text(
+    name: str,
+    state: str,
+    attempts: int,
+    elapsed_s: float,
+    calls: int,
+    cost_usd: float,
+    error: str | None = None,
+) -> str:
+    """The one-line summary of an ended step (done, replayed, failed, interrupted)."""
+    mark = {"done": "✓", "replayed": "↺"}.get(state, "✗")
+    line = (
+        f"{mark} step {name!r} {state} · {attempts} attempt{'s' if attempts != 1 else ''} · "
+        f"{format_duration(max(0.0, elapsed_s))} · {calls} LLM call{'s' if calls != 1 else ''} · "
+        f"{format_usd(cost_usd)}"
+    )
+    return line + (f" · {error}" if error else "")
 
 
 def step_status_line(run: Run, step_id: str, *, hook: bool = True) -> StepLine:

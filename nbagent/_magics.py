@@ -34,12 +34,14 @@ import html
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from . import _fingerprint as fp
+from ._dashboard import summary_text, widgets_available
 from ._engine import (
     Execution,
     NamespaceSnapshot,
@@ -368,9 +370,10 @@ class NbagentExtension:
         if ex.reason:
             print(f"▶ step {name!r} runs again: {ex.reason}")
         pending.candidates = candidates
-        from ._dashboard import step_status_line  # live line; prints a summary after the cell
+        if widgets_available():  # a live line; it prints the summary after the cell
+            from ._dashboard import step_status_line
 
-        pending.line = step_status_line(run, ex.step_id, hook=False)
+            pending.line = step_status_line(run, ex.step_id, hook=False)
         # The commit runs inside the cell, after the body, so that a commit error
         # (--strict, a full disk) fails the cell; the last expression is shown
         # explicitly (a trailing `;` still hides it, as in IPython).
@@ -518,14 +521,18 @@ class NbagentExtension:
         self._uncapture(pending)
         _engine_set_notebook_step(None)
         ex = pending.ex
+        error = None
         try:
             if not (ex.replay or ex.finished):
                 # the body failed or was interrupted (else _commit_in_cell finished the step)
                 error = result and (result.error_before_exec or result.error_in_exec)
-                ex.abort(error or RuntimeError("the cell did not finish"))
+                error = error or RuntimeError("the cell did not finish")
+                ex.abort(error)
         finally:
             if pending.line is not None:
                 pending.line.finish()  # prints the step's one-line summary
+            elif not ex.replay:  # text only: the same summary, without a live line
+                print(_summary(ex, error))
 
     def _commit_in_cell(self) -> None:
         """Commit the step; the last statement of a step cell, so its errors fail the cell."""
@@ -587,6 +594,20 @@ class NbagentExtension:
     def _remove_transformer(self) -> None:
         if "transform_ast" in vars(self.shell):
             del self.shell.transform_ast
+
+
+def _summary(ex: Execution, error: BaseException | None) -> str:
+    """The one-line summary of a step that executed (as its live line would print it)."""
+    rec = ex.record if ex.record is not None and error is None else None
+    if rec is not None:
+        state, elapsed = "done", rec.get("duration_s", 0.0)
+        calls, cost = rec.get("llm_calls", 0), rec.get("cost_usd", 0.0)
+    else:
+        state = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        elapsed = time.perf_counter() - ex._t0
+        calls, cost = ex.context.llm_calls, ex.context.cost_usd
+    shown = f"{type(error).__name__}: {error}" if error is not None else None
+    return summary_text(ex.name, state, ex.attempts or 1, elapsed, calls, cost, shown)
 
 
 def _engine_set_notebook_step(ex: Execution | None) -> None:

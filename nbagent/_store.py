@@ -467,12 +467,14 @@ class Store:
     def _rows(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
         """Run one statement and fetch its rows; disk and damage failures are StoreErrors."""
         try:
-            return self._kv._sql(sql, args).fetchall()  # type: ignore[no-any-return]
-        except sqlite3.OperationalError as e:  # raised by fetchall(), after _sql
+            return self._kv._con.execute(sql, args).fetchall()  # type: ignore[no-any-return]
+        except sqlite3.DatabaseError as e:  # as _Cache._sql (fetchall() can raise them too)
             low = str(e).lower()  # e.g. "Could not decode to UTF-8", "database or disk is full"
-            if not any(w in low for w in ("decode", "full", "readonly", "disk i/o")):
-                raise
-            raise store_error(e, self.path) from e
+            if type(e) is sqlite3.DatabaseError or any(
+                w in low for w in ("decode", "full", "readonly", "disk i/o")
+            ):
+                raise store_error(e, self.path) from e
+            raise
 
     def _raw(self, key: str) -> Any:
         rows = self._rows(_SELECT_RAW, (key,))
