@@ -1269,8 +1269,9 @@ class NamespaceWatch:
         added = _added_after_mark(ns, self.length) if self.length >= 0 else None
         if added is None:
             names = [k for k in ns if fp.is_user_name(k)]
-        else:
-            names = self.names + [k for k in added if fp.is_user_name(k)]
+        else:  # the list is shared by snapshots: extended into a new one, never in place
+            new = [k for k in added if fp.is_user_name(k)]
+            names = self.names + new if new else self.names
         ns[MARK] = ns.pop(MARK)  # to the end: what the body adds comes after it
         self.length, self.names = len(ns), names
         return NamespaceSnapshot(ns, names, marked=True)

@@ -40,6 +40,7 @@ from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
+from . import _engine
 from . import _fingerprint as fp
 from ._dashboard import summary_text, widgets_available
 from ._engine import (
@@ -341,7 +342,7 @@ class NbagentExtension:
     ) -> list[ast.stmt]:
         header, text = parsed
         argv = header.split()
-        if any(c in header for c in "'\"\\"):
+        if "'" in header or '"' in header or "\\" in header:  # quoting: shlex
             try:
                 argv = shlex.split(header)
             except ValueError as e:
@@ -504,8 +505,10 @@ class NbagentExtension:
     def _uncapture(self, pending: _Pending) -> None:
         for obj, attr, original in reversed(pending.restore):
             if original is None:
-                with contextlib.suppress(AttributeError):
+                try:
                     delattr(obj, attr)
+                except AttributeError:
+                    pass
             else:
                 setattr(obj, attr, original)
         pending.restore.clear()
@@ -611,8 +614,6 @@ def _summary(ex: Execution, error: BaseException | None) -> str:
 
 
 def _engine_set_notebook_step(ex: Execution | None) -> None:
-    from . import _engine
-
     _engine._notebook_step = ex.context if ex is not None else None
 
 

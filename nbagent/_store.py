@@ -200,6 +200,10 @@ _INSERT_TRACE = (
 _OLD_TRACE = "trace.sqlite3"  # format 1's trace database
 
 
+#: ``json.dumps(value, default=str)``, without building an encoder per call
+_to_json = json.JSONEncoder(default=str).encode
+
+
 def trace_values(row: dict[str, Any]) -> list[Any]:
     """The TRACE_COLUMNS values of a trace row (unknown keys go to the JSON ``detail``)."""
     values = [row.get(c) for c in TRACE_COLUMNS]
@@ -521,7 +525,7 @@ class Store:
         return self._parse_json(key, self._raw(key))
 
     def _set_json(self, key: str, value: Any) -> None:
-        self._put(key, json.dumps(value, default=str))
+        self._put(key, _to_json(value))
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -702,7 +706,7 @@ class Store:
                 self.put_blob(f"{run}/{step_id}/{name}", payload)
             else:
                 rows[f"blob/{run}/{step_id}/{name}"] = self.sign(payload)
-        rows[f"step/{run}/{step_id}"] = json.dumps(record, default=str)
+        rows[f"step/{run}/{step_id}"] = _to_json(record)
         with self.transaction():
             old = (self.get_step(run, step_id) if previous is UNREAD else previous) or {}
             self._put_many(rows)  # the values and the record: one statement
