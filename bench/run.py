@@ -169,7 +169,11 @@ def bench_extension_cost(ip: Any, cells: int) -> None:
 
 
 def bench_steps(ip: Any, sizes: list[int]) -> dict[int, dict[str, float]]:
-    """Per cell: plain vs first run of a step vs its replay, interleaved; medians."""
+    """Per cell: plain vs first run of a step vs its replay, interleaved; medians.
+
+    A row of N steps repeats fresh runs of N steps until it has at least 600
+    samples of each kind (one run of 10 steps alone is 10 noisy samples).
+    """
     out: dict[int, dict[str, float]] = {}
     fresh_run(ip, "warm-up")
     with quiet():
@@ -178,24 +182,25 @@ def bench_steps(ip: Any, sizes: list[int]) -> dict[int, dict[str, float]]:
             cell(ip, f"%%step w{i}\nw{i} = {i}")
             cell(ip, f"%%step w{i}\nw{i} = {i}")
     for n in sizes:
-        fresh_run(ip, f"steps-{n}")
         plain, first, plain2, replay = [], [], [], []
-        gc.collect()
-        with quiet():
+        for rep in range(max(1, -(-600 // n))):
+            fresh_run(ip, f"steps-{n}-{rep}")
+            gc.collect()
+            with quiet():
+                for i in range(n):
+                    plain.append(cell(ip, f"p = {i}"))
+                    first.append(cell(ip, f"%%step s{i}\nv{i} = {i}"))
+                for i in range(n):
+                    plain2.append(cell(ip, f"p = {i}"))
+                    replay.append(cell(ip, f"%%step s{i}\nv{i} = {i}"))
             for i in range(n):
-                plain.append(cell(ip, f"p = {i}"))
-                first.append(cell(ip, f"%%step s{i}\nv{i} = {i}"))
-            for i in range(n):
-                plain2.append(cell(ip, f"p = {i}"))
-                replay.append(cell(ip, f"%%step s{i}\nv{i} = {i}"))
-        for i in range(n):
-            ip.user_ns.pop(f"v{i}", None)
+                ip.user_ns.pop(f"v{i}", None)
         out[n] = {
             "plain": med(plain),
             "first": med(first),
             "plain2": med(plain2),
             "replay": med(replay),
-            "total_first": sum(first),
+            "samples": len(first),
         }
     return out
 
@@ -311,7 +316,8 @@ def report_steps(
             f"{db[n]['step'] * MS:.3f}" if isinstance(db, dict) else "n/a",
         ])  # fmt: skip
     note = (
-        "Per cell (or call), medians, milliseconds. *Step overhead* = step cell − plain cell, "
+        "Per cell (or call), medians of at least 600 cells (runs of N steps repeated), "
+        "milliseconds. *Step overhead* = step cell − plain cell, "
         "first run (goal <= 0.3 ms); *replay extra* = replayed step cell − plain cell (goal: a "
         "replay costs no more than one more plain cell, i.e. extra <= the plain cell). The "
         "plain cell is `p = i`; the step is `%%step sI` + `vI = I` (one stored int). The "
