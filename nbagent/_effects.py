@@ -17,12 +17,11 @@ nbagent (and the trace) that a repeat went through that window.
 from __future__ import annotations
 
 import functools
-import pickle
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
-from ._engine import current_step, dumps_value
+from ._engine import current_step, dumps_value, loads_value
 from ._errors import NbagentError, StoreError
 
 T = TypeVar("T")
@@ -56,7 +55,7 @@ def once(label: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
                 "store from a backup, or drop the step with `%nbagent reset STEP` and re-run it "
                 "(the key is the same, so an idempotent service answers with the first outcome)."
             )
-        result = pickle.loads(payload) if payload is not None else None
+        result = loads_value(payload) if payload is not None else None
         run.record_event(
             kind="effect", name=label, status="replayed", replayed=1, idempotency_key=key
         )

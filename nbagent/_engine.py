@@ -27,6 +27,7 @@ import os
 import pickle
 import re
 import signal
+import struct
 import sys
 import textwrap
 import threading
@@ -897,13 +898,55 @@ def dumps_value(value: Any) -> bytes:
     Functions and classes defined in a notebook pickle by reference to
     ``__main__``, which does not hold them after a restart; cloudpickle stores
     them by value. The byte check has false positives (a string containing
-    ``__main__``), which only cost the slower path.
+    ``__main__``), which only cost the slower path. Bulk data that pickle 5
+    hands out of band (NumPy arrays, pandas blocks) is framed after the pickle
+    stream, each buffer 64-byte aligned, so :func:`loads_value` rebuilds the
+    arrays on the stored bytes instead of copying them.
     """
+    buffers: list[pickle.PickleBuffer] = []
     try:
-        data = pickle.dumps(value, protocol=5)
+        data = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     except Exception:
-        return cloudpickle.dumps(value, protocol=5)  # type: ignore[no-any-return]
-    return cloudpickle.dumps(value, protocol=5) if b"__main__" in data else data  # type: ignore[no-any-return]
+        data = None
+    if data is None or b"__main__" in data:
+        buffers = []
+        data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    return _frame(data, [b.raw() for b in buffers]) if buffers else data  # type: ignore[arg-type]
+
+
+_FRAMED = b"NBP1"  # a pickle stream with its out-of-band buffers (see dumps_value)
+_ALIGN = 64
+_HEAD = struct.Struct("<4sIQ")  # magic, number of buffers, length of the pickle stream
+_SPAN = struct.Struct("<QQ")  # offset and length of one buffer
+
+
+def _frame(data: bytes, raws: list[memoryview]) -> bytes:
+    parts: list[Any] = [_HEAD.pack(_FRAMED, len(raws), len(data))]
+    offset = _HEAD.size + _SPAN.size * len(raws) + len(data)
+    body: list[Any] = [data]
+    for raw in raws:
+        start = -(-offset // _ALIGN) * _ALIGN
+        body += [bytes(start - offset), raw]
+        parts.append(_SPAN.pack(start, raw.nbytes))
+        offset = start + raw.nbytes
+    return b"".join(parts + body)
+
+
+def loads_value(payload: bytes | bytearray | memoryview) -> Any:
+    """Unpickle what :func:`dumps_value` made; out-of-band buffers are used in place.
+
+    The arrays rebuilt on them must be writable like the originals: a
+    read-only payload is copied once first.
+    """
+    view = memoryview(payload)
+    if view[:4] != _FRAMED:
+        return pickle.loads(view)
+    if view.readonly:
+        view = memoryview(bytearray(view))
+    _, count, length = _HEAD.unpack_from(view)
+    spans = [_SPAN.unpack_from(view, _HEAD.size + _SPAN.size * i) for i in range(count)]
+    start = _HEAD.size + _SPAN.size * count
+    return pickle.loads(view[start : start + length], buffers=[view[o : o + n] for o, n in spans])
 
 
 class Execution:
@@ -968,7 +1011,7 @@ class Execution:
                 f"the stored value {name!r} of step {self.step_id!r} is missing from "
                 f"{self.run.store.path}; re-run the step with --rerun."
             )
-        return pickle.loads(payload)
+        return loads_value(payload)
 
     def restored_values(self) -> dict[str, Any]:
         """Every variable the step stored, plus placeholders for those it could not."""

@@ -58,7 +58,8 @@ from ._errors import StepLockedError, StoreError, StoreFormatError
 from ._store import _INLINE_BLOB, _RUN_KINDS, TRACE_COLUMNS, UNREAD, Store, _me
 
 #: Version of the PostgreSQL layout (independent of the embedded store's).
-PG_FORMAT_VERSION = 1
+#: 2: value blobs as Store format 3 signs them (keyed BLAKE3, ``NBA2``); format 1's are read.
+PG_FORMAT_VERSION = 2
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -274,6 +275,8 @@ class PgStore(Store):
                 f"reads format {PG_FORMAT_VERSION} or older. Upgrade nbagent "
                 "(pip install -U nbagent) or use another database or schema; nothing was changed."
             )
+        if found < PG_FORMAT_VERSION:  # 1 -> 2: nothing moves (older blobs are read as they are)
+            self._set_json("meta/format", PG_FORMAT_VERSION)
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[Any]:
@@ -346,7 +349,7 @@ class PgStore(Store):
                 (f"blob/{key}", self.sign(payload)),
             )
 
-    def get_blob(self, key: str) -> bytes | None:
+    def get_blob(self, key: str) -> bytes | memoryview | None:
         """Verified payload; None if missing. Raises StoreError if tampered."""
         row = (
             self._conn()

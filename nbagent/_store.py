@@ -19,10 +19,12 @@ file before the row that names it, so a SIGKILL leaves either the old or the
 new entry, never half of one. (Format 1 kept the trace in ``trace.sqlite3``;
 opening such a store moves its rows into ``cache.db``.)
 
-Variable blobs are pickles, and unpickling runs code, so every blob carries an
-HMAC-SHA256 signature made with a per-store key kept *outside* the store
-(``~/.local/share/nbagent/keys``, or ``NBAGENT_KEY_DIR``). A blob whose
-signature does not verify is never unpickled.
+Variable blobs are pickles, and unpickling runs code, so every blob carries a
+signature (keyed BLAKE3, a MAC; format 2 used HMAC-SHA256) made with a
+per-store key kept *outside* the store (``~/.local/share/nbagent/keys``, or
+``NBAGENT_KEY_DIR``). A blob whose signature does not verify is never
+unpickled. Large values keep their bulk data (NumPy and pandas buffers) out of
+the pickle stream, so restoring them reads the file once and unpickles in place.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import functools
 import hashlib
 import hmac
 import json
+import mmap
 import os
 import secrets
 import socket
@@ -48,6 +51,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import blake3
 import diskcache
 
 from ._errors import StepLockedError, StoreError, StoreFormatError
@@ -59,7 +63,9 @@ from ._errors import StepLockedError, StoreError, StoreFormatError
 #: 2: step locks are file locks (no ``lock/`` rows); no step index
 #: (``ctr/RUN/step_seq``, ``stepidx/RUN/N``): steps are listed by rowid; the
 #: trace table is in ``cache.db`` (it was ``trace.sqlite3``).
-FORMAT_VERSION = 2
+#: 3: value blobs are signed with keyed BLAKE3 (``NBA2``, a 48-byte head) and may hold
+#: pickle-5 out-of-band buffers; format 2's blobs are still read.
+FORMAT_VERSION = 3
 
 #: Money is kept as integer nano-dollars so counters can be incremented
 #: atomically by diskcache (which only increments integers).
@@ -68,7 +74,13 @@ NANO = 1_000_000_000
 #: ``Store.commit_step(previous=UNREAD)``: the step's earlier record is not known; read it.
 UNREAD: Any = type("Unread", (), {"__repr__": lambda self: "UNREAD"})()
 
-_BLOB_MAGIC = b"NBA1"
+#: A value blob: ``NBA2``, 12 zero bytes, the keyed BLAKE3 of the payload (32 bytes), the
+#: payload. The 48-byte head keeps the payload 16-byte aligned in memory (pickle-5
+#: out-of-band buffers are read in place, see _engine.loads_value). Format 2's blobs
+#: (``NBA1``, HMAC-SHA256, 36-byte head) are still read.
+_BLOB_MAGIC = b"NBA2"
+_BLOB_HEAD = 48
+_OLD_BLOB_MAGIC = b"NBA1"
 _SIG_LEN = 32
 
 
@@ -301,6 +313,9 @@ def _lock_holder(fd: int, offset: int) -> int | None:
 #: Kinds of keys that belong to one run: ``KIND/RUN/...``.
 _RUN_KINDS = ("ctr", "step", "stepidx", "blob", "lock", "llm", "effect")
 
+#: Value files up to this size are read into memory; larger ones are mapped.
+_READ_WHOLE = 8 << 20
+
 #: Value blobs up to this size are written inside the commit transaction.
 _INLINE_BLOB = 1 << 20
 
@@ -400,6 +415,7 @@ class Store:
     def _upgrade(self) -> None:
         """Bring a store of an older format to this one (once; safe to race and to kill).
 
+        2 -> 3: nothing moves (older blobs stay as they are, and are read).
         1 -> 2: the rows of ``trace.sqlite3`` are copied (with their ``seq``) into
         the trace table of ``cache.db``, in the transaction that raises the
         version; then the old file is deleted. Format 1's step records are ordered
@@ -536,35 +552,58 @@ class Store:
     # -- blobs (signed pickles) ---------------------------------------------
 
     def _mac(self, payload: bytes | memoryview) -> bytes:
-        """HMAC-SHA256 of a payload with the store's key (keyed once, then copied per call)."""
-        keyed = self.__dict__.get("_keyed")
-        if keyed is None:
-            keyed = self.__dict__["_keyed"] = hmac.new(self._key, digestmod=hashlib.sha256)
-        mac = keyed.copy()
-        mac.update(payload)
-        return mac.digest()
+        """Keyed BLAKE3 of a payload: a MAC, at several GB/s (multi-threaded when large)."""
+        threads = blake3.blake3.AUTO if len(payload) >= 1 << 22 else 1
+        key = self._key if len(self._key) == 32 else hashlib.sha256(self._key).digest()
+        return blake3.blake3(payload, key=key, max_threads=threads).digest()
+
+    def _old_mac(self, payload: bytes | memoryview) -> bytes:
+        """HMAC-SHA256, the signature of format 2's blobs."""
+        return hmac.digest(self._key, payload, "sha256")
 
     def sign(self, payload: bytes) -> bytes:
-        return _BLOB_MAGIC + self._mac(payload) + payload
+        return b"".join(
+            (_BLOB_MAGIC, bytes(_BLOB_HEAD - 4 - _SIG_LEN), self._mac(payload), payload)
+        )
 
-    def verify(self, blob: bytes) -> bytes | None:
-        """The payload of a signed blob, or None when it was not signed by this store's key."""
-        head = len(_BLOB_MAGIC) + _SIG_LEN
-        if not isinstance(blob, bytes) or blob[: len(_BLOB_MAGIC)] != _BLOB_MAGIC:
+    def verify(self, blob: Any) -> bytes | memoryview | None:
+        """The payload of a signed blob, or None when it was not signed by this store's key.
+
+        A large payload comes back as a view of ``blob`` (no copy; writable when
+        ``blob`` is, like a copy-on-write mapping).
+        """
+        if not isinstance(blob, bytes | bytearray | mmap.mmap):
             return None
-        payload = memoryview(blob)[head:]
-        if not hmac.compare_digest(blob[len(_BLOB_MAGIC) : head], self._mac(payload)):
+        view = memoryview(blob)
+        magic = view[:4]
+        if magic == _BLOB_MAGIC:
+            head, mac = _BLOB_HEAD, self._mac
+        elif magic == _OLD_BLOB_MAGIC:
+            head, mac = 4 + _SIG_LEN, self._old_mac
+        else:
             return None
-        return bytes(payload) if len(payload) < 1 << 20 else payload  # type: ignore[return-value]
+        payload = view[head:]
+        if not hmac.compare_digest(view[head - _SIG_LEN : head], mac(payload)):
+            return None
+        return bytes(payload) if type(blob) is bytes and len(payload) < 1 << 20 else payload
 
     def put_blob(self, key: str, payload: bytes) -> None:
         self._put(f"blob/{key}", self.sign(payload))
 
-    def get_blob(self, key: str) -> bytes | None:
-        """Verified payload; None if missing. Raises StoreError if tampered."""
-        raw = self._raw(f"blob/{key}")  # one SELECT; a value kept in a file goes via diskcache
-        if raw is None:
+    def get_blob(self, key: str) -> bytes | memoryview | None:
+        """Verified payload; None if missing. Raises StoreError if tampered.
+
+        A value kept in a file is read straight into a bytearray (not through
+        diskcache), so a large payload comes back as a writable view of it.
+        """
+        rows = self._rows(_SELECT_RAW, (f"blob/{key}",))
+        if not rows:
             return None
+        mode, filename, raw = rows[0]
+        if filename is not None and mode == diskcache.core.MODE_BINARY:
+            raw = self._read_file(filename)
+        elif not (mode == diskcache.core.MODE_RAW and filename is None):
+            raw = self._kv.get(f"blob/{key}")
         payload = self.verify(raw)
         if payload is None:
             raise StoreError(
@@ -573,6 +612,35 @@ class Store:
                 "is missing). It was not loaded. Re-run the step with --rerun to store it again."
             )
         return payload
+
+    def _read_file(self, filename: str) -> mmap.mmap | bytearray:
+        """A value file of diskcache's, read without diskcache, as a writable buffer.
+
+        Up to 8 MB it is read into a bytearray (one copy: faster than mapping
+        pages). A larger one is mapped copy-on-write: nothing is copied, the
+        signature is checked on the mapped pages (the kernel maps them all at
+        once where it can) and arrays unpickled on them stay writable (a write
+        copies just that page, never touching the file). diskcache never
+        rewrites a value file in place; it writes new files and deletes old
+        ones, which a mapping outlives.
+        """
+        try:
+            with open(os.path.join(self._kv.directory, filename), "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size <= _READ_WHOLE:
+                    data = bytearray(size)
+                    view, got = memoryview(data), 0
+                    while got < size and (n := f.readinto(view[got:])):
+                        got += n
+                    return data if got == size else data[:got]
+                return mmap.mmap(
+                    f.fileno(),
+                    size,
+                    flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
+                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                )
+        except (OSError, ValueError) as e:
+            raise store_error(e, self.path) from e
 
     def delete_blob(self, key: str) -> None:
         self._kv.delete(f"blob/{key}")

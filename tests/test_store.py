@@ -178,7 +178,7 @@ def test_blobs_round_trip_and_are_signed(tmp_path: Path) -> None:
     assert store.get_blob("r/a#1/x") == b"payload"
     assert store.get_blob("r/a#1/missing") is None
     raw = store._kv.get("blob/r/a#1/x")
-    assert raw != b"payload" and raw.endswith(b"payload")  # magic + HMAC in front
+    assert raw != b"payload" and raw.endswith(b"payload")  # magic + signature in front
 
 
 def test_large_blob_round_trips(tmp_path: Path) -> None:
@@ -186,6 +186,52 @@ def test_large_blob_round_trips(tmp_path: Path) -> None:
     big = os.urandom(3 << 20)
     store.put_blob("r/a#1/big", big)
     assert bytes(store.get_blob("r/a#1/big")) == big
+
+
+def test_large_arrays_come_back_equal_writable_and_aligned(tmp_path: Path) -> None:
+    """NumPy/pandas bulk data is stored out of band and rebuilt on the read bytes."""
+    np = pytest.importorskip("numpy")
+    pd = pytest.importorskip("pandas")
+    from nbagent._engine import dumps_value, loads_value
+
+    store = Store(tmp_path / "s")
+    arr = np.arange(3 << 18, dtype=np.float64).reshape(-1, 4)  # 6 MB: kept in a file
+    frame = pd.DataFrame({"a": np.arange(1000), "b": np.linspace(0, 1, 1000), "c": ["x"] * 1000})
+    fortran = np.asfortranarray(np.arange(12.0).reshape(3, 4))
+    for name, value in (("arr", arr), ("frame", frame), ("small", np.arange(5)), ("f", fortran)):
+        store.put_blob(f"r/a#1/{name}", dumps_value(value))
+    back = {n: loads_value(store.get_blob(f"r/a#1/{n}")) for n in ("arr", "frame", "small", "f")}
+    assert np.array_equal(back["arr"], arr) and back["arr"].flags.aligned
+    assert back["frame"].equals(frame) and np.array_equal(back["f"], fortran)
+    for a in (back["arr"], back["small"], back["f"]):
+        assert a.flags.writeable
+        a[0] = 7  # the user's code may change a restored value in place
+    back["frame"].loc[0, "b"] = 9.0
+    assert loads_value(store.get_blob("r/a#1/small"))[0] == 0  # the store is not changed
+
+
+def test_blobs_of_format_2_are_still_read(tmp_path: Path) -> None:
+    import hmac
+
+    store = Store(tmp_path / "s")
+    payload = pickle.dumps({"x": 1}, protocol=5)
+    old = b"NBA1" + hmac.digest(store._key, payload, "sha256") + payload
+    store._kv.set("blob/r/a#1/x", old)
+    assert pickle.loads(store.get_blob("r/a#1/x")) == {"x": 1}
+    store._kv.set("blob/r/a#1/x", old[:-3] + bytes([old[-3] ^ 1]) + old[-2:])  # tampered
+    with pytest.raises(StoreError, match="not signed"):
+        store.get_blob("r/a#1/x")
+
+
+def test_tampered_large_blob_in_a_file_is_refused(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    store.put_blob("r/a#1/big", os.urandom(3 << 20))
+    (filename,) = [p for p in (tmp_path / "s").rglob("*.val")]
+    data = bytearray(filename.read_bytes())
+    data[-1] ^= 1
+    filename.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="not signed"):
+        store.get_blob("r/a#1/big")
 
 
 @pytest.mark.parametrize(
