@@ -47,7 +47,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -349,6 +348,53 @@ _DELETE_RAW = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND filename IS NULL"
 _STEP_KEYS = "SELECT key FROM Cache WHERE key >= ? AND key < ? AND raw = 1 ORDER BY rowid"
 
 
+class _Transaction:
+    """``Store.transaction()``: what ``diskcache.Cache.transact(retry=True)`` does, lighter.
+
+    A step commit is a short transaction; diskcache's three generator context
+    managers cost more than its SQL statements on that path. Like diskcache it
+    records the owning thread in ``Cache._txn_id``, so diskcache calls inside
+    (a value written to a file) join this transaction instead of beginning one,
+    and it retries BEGIN while another process holds the write lock. A read-only
+    or full store is a StoreError at once (diskcache would retry for ever).
+    """
+
+    __slots__ = ("store", "began")
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.began = False
+
+    def __enter__(self) -> None:
+        kv, tid = self.store._kv, threading.get_ident()
+        if kv._txn_id == tid:
+            return  # nested: the outer one commits
+        while True:
+            try:
+                self.store._rows("BEGIN IMMEDIATE", ())
+                break
+            except sqlite3.OperationalError as e:  # busy past the timeout: another writer
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
+        kv._txn_id = tid
+        self.began = True
+
+    def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
+        if not self.began:
+            return
+        self.store._kv._txn_id = None
+        if et is None:
+            try:
+                self.store._rows("COMMIT", ())
+                return
+            except BaseException:  # e.g. a full disk: nothing of it is kept
+                with contextlib.suppress(sqlite3.Error, StoreError):
+                    self.store._rows("ROLLBACK", ())
+                raise
+        with contextlib.suppress(sqlite3.Error, StoreError):
+            self.store._rows("ROLLBACK", ())
+
+
 class Store:
     """One nbagent store directory. Safe to share between processes.
 
@@ -543,11 +589,12 @@ class Store:
     def _set_json(self, key: str, value: Any) -> None:
         self._put(key, _to_json(value))
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """One atomic read-modify-write across processes (SQLite BEGIN IMMEDIATE)."""
-        with self._kv.transact(retry=True):
-            yield
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """One atomic read-modify-write across processes (SQLite BEGIN IMMEDIATE).
+
+        Nests, in this thread, with itself and with diskcache's own transactions.
+        """
+        return _Transaction(self)
 
     # -- blobs (signed pickles) ---------------------------------------------
 

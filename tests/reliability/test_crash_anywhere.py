@@ -90,6 +90,17 @@ def finish_and_check(world: World, attempt: Any, reference: Any, steps: int) -> 
     assert len(world.requests()) == requests and len(world.charges()) == charges
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_of_kill_point_is_reached(kind: str, tmp_path: Path) -> None:
+    """The kill points hook nbagent's internals: a change there must not silently skip them."""
+    world = fresh_world(tmp_path)
+    script = world.root / "agent.py"
+    script.write_text(SCRIPT)
+    done = run_script(world, script, f"{kind}:1")
+    assert done.returncode == -9, f"the program never reached a {kind!r} kill point"
+    assert world.killed() == [f"{kind}:1"]
+
+
 @settings(
     max_examples=8,
     deadline=None,
