@@ -34,7 +34,7 @@ server ends its session and frees the lock, and the next executor takes the
 step over (the engine traces the takeover). No pid guessing across hosts.
 
 Blobs are pickles, and unpickling runs code: as in the embedded store each one
-carries an HMAC-SHA256 signature made with a per-store key kept *outside* the
+carries a signature (keyed BLAKE3; format 1 used HMAC-SHA256) made with a per-store key kept *outside* the
 database (``~/.local/share/nbagent/keys/ID.key`` or ``NBAGENT_KEY_DIR``). Every
 machine that replays steps needs a copy of that key file; a blob whose
 signature does not verify is never unpickled.
