@@ -571,8 +571,7 @@ class _Core:
                 if refusal is None and not call.idem_key:
                     # outside a step: the run's call counter, just incremented by the
                     # reservation in this same transaction, makes ``run:R:call:N`` unique
-                    n = store.counter(call.run.name, "llm_calls")
-                    call.idem_key = f"run:{call.run.name}:call:{n}"
+                    call.idem_key = f"run:{call.run.name}:call:{call.run.last_call_number}"
             if refusal is not None:
                 raise refusal
         except NbagentError as exc:
@@ -619,7 +618,10 @@ class _Core:
         replayed: bool = False,
         price_known: bool | None = None,
         detail: dict[str, Any] | None = None,
-    ) -> None:
+        emit: bool = True,
+    ) -> dict[str, Any]:
+        """Trace one attempt; observers get the ``llm_call`` event (returned) unless ``emit`` is
+        False (the caller emits it, e.g. after the transaction holding the row commits)."""
         inp, cached, out, reasoning = usage if usage else (None, None, None, None)
         if call.request_text is None:
             call.request_text = self.request_text(call, call.raw)
@@ -649,24 +651,25 @@ class _Core:
             response=call.redact(response) if response else response,
             detail=detail,
         )
-        call.run._emit(
-            {
-                "type": "llm_call",
-                "step": call.step_id,
-                "attempt": call.attempt,
-                "status": status,
-                "model": call.model,
-                "input_tokens": inp,
-                "cached_tokens": cached,
-                "output_tokens": out,
-                "reasoning_tokens": reasoning,
-                "cost_usd": cost,
-                "latency_s": latency,
-                "error": error,
-                "wait_s": wait_s,
-                "replayed": replayed,
-            }
-        )
+        event = {
+            "type": "llm_call",
+            "step": call.step_id,
+            "attempt": call.attempt,
+            "status": status,
+            "model": call.model,
+            "input_tokens": inp,
+            "cached_tokens": cached,
+            "output_tokens": out,
+            "reasoning_tokens": reasoning,
+            "cost_usd": cost,
+            "latency_s": latency,
+            "error": error,
+            "wait_s": wait_s,
+            "replayed": replayed,
+        }
+        if emit:
+            call.run._emit(event)
+        return event
 
     def on_attempt(self, call: _Call, info: AttemptInfo) -> None:
         """One failed attempt: a trace row, alerts, the stop switch, the retry event."""
@@ -744,19 +747,21 @@ class _Core:
             error = f"ToolValidationError: {problem}"
             error += " (re-sent once with the error fed back)" if retry else " (returned as is)"
         text = content.decode("utf-8", "replace")
-        with call.run.store.transaction():  # one commit for the settlement and the ledger
+        with call.run.store.transaction():  # one commit: the settlement, the ledger, the row
             self.settle(call, cost)  # no usage reported: billed at the reservation
             if not retry:
                 self.write_ledger(call, response, content, usage, cost, text)
-        self.row(
-            call,
-            status="error" if retry else "ok",
-            error=error,
-            usage=usage,
-            cost=cost,
-            response=text,
-            detail=None if usage else {"usage": "not reported: billed at the reservation"},
-        )
+            event = self.row(
+                call,
+                status="error" if retry else "ok",
+                error=error,
+                usage=usage,
+                cost=cost,
+                response=text,
+                detail=None if usage else {"usage": "not reported: billed at the reservation"},
+                emit=False,
+            )
+        call.run._emit(event)  # observers after the commit
         call.extra["last"] = (usage, cost, text)
         return feedback if retry else None
 

@@ -43,6 +43,8 @@ import cloudpickle
 
 from . import _fingerprint as fp
 from ._errors import (
+    CapExceeded,
+    CostCapExceeded,
     NbagentError,
     RunStopped,
     StepCapExceeded,
@@ -293,6 +295,8 @@ class Run:
         self._observers: list[Callable[[dict[str, Any]], None]] = []
         self._alert_hooks: list[Callable[[dict[str, Any]], None]] = []
         self._occurrences: dict[str, int] = {}
+        #: the run's LLM-call count after this process's latest reservation (see reserve)
+        self.last_call_number = 0
         #: ids of the steps this process knows are stored (read lazily; see begin)
         self._stored_ids: set[str] | None = None
         record = self.store.get_run(self.name)
@@ -435,12 +439,7 @@ class Run:
         self._emit({"type": "resumed"})
 
     def check_not_stopped(self) -> None:
-        reason = self.stopped
-        if reason:
-            raise RunStopped(
-                f"run {self.name!r} is stopped: {reason}. Fix the cause, then resume it with "
-                "`%nbagent resume` or `run.resume()`."
-            )
+        _raise_if_stopped(self.name, self.record)
 
     # -- the cost ceiling: reserve before a call, settle after ---------------------
 
@@ -451,16 +450,18 @@ class Run:
         ``max_cost_usd``, and with StepCapExceeded when ``max_llm_calls`` is
         used up. Returns the reservation (nano-dollars) to pass to :meth:`settle`.
         """
-        from ._errors import CapExceeded, CostCapExceeded
-
-        self.check_not_stopped()
         worst = max(0, math.ceil(worst_usd * NANO))
         store = self.store
         with store.transaction():
-            caps = self.caps
-            spent = store.counter(self.name, "spend_nusd")
-            reserved = store.counter(self.name, "reserved_nusd")
-            calls = store.counter(self.name, "llm_calls")
+            # the run record (stop switch, caps) and the counters: one read
+            rec, counts = store.run_state(self.name, ("spend_nusd", "reserved_nusd", "llm_calls"))
+            _raise_if_stopped(self.name, rec)
+            caps = rec.get("caps") or {}
+            spent, reserved, calls = (
+                counts["spend_nusd"],
+                counts["reserved_nusd"],
+                counts["llm_calls"],
+            )
             refusal: CapExceeded | None = None
             if caps.get("llm_calls") is not None and calls + 1 > caps["llm_calls"]:
                 refusal = StepCapExceeded(
@@ -487,7 +488,7 @@ class Run:
                 cap_name = "max_cost_usd"
             if refusal is None:
                 store.incr(self.name, "reserved_nusd", worst)
-                store.incr(self.name, "llm_calls", 1)
+                self.last_call_number = store.incr(self.name, "llm_calls", 1)
                 self._own_reservation(worst)
         if refusal is not None:
             self.record_event(
@@ -859,6 +860,15 @@ def function_source_hash(fn: Callable[..., Any]) -> str:
         h = fp._Hasher()
         h.code(fn.__code__)
         return h.h.hexdigest()
+
+
+def _raise_if_stopped(name: str, record: dict[str, Any]) -> None:
+    stop = record.get("stopped")
+    if stop:
+        raise RunStopped(
+            f"run {name!r} is stopped: {stop['reason']}. Fix the cause, then resume it with "
+            "`%nbagent resume` or `run.resume()`."
+        )
 
 
 def _why_execute(

@@ -396,6 +396,12 @@ class PgStore(Store):
         )
         return 0 if row is None else int(row[0])
 
+    def run_state(
+        self, run: str, counters: tuple[str, ...]
+    ) -> tuple[dict[str, Any], dict[str, int]]:
+        """The run's record (``{}`` if missing) and some of its counters (see Store.run_state)."""
+        return self.get_run(run) or {}, {name: self.counter(run, name) for name in counters}
+
     def incr(self, run: str, name: str, delta: int = 1) -> int:
         with self._writing() as conn:
             row = conn.execute(

@@ -743,6 +743,28 @@ class Store:
             )
         return value
 
+    def run_state(
+        self, run: str, counters: tuple[str, ...]
+    ) -> tuple[dict[str, Any], dict[str, int]]:
+        """The run's record (``{}`` if missing) and some of its counters, with one SELECT."""
+        keys = [f"run/{run}", *(f"ctr/{run}/{name}" for name in counters)]
+        sql = f"SELECT key, mode, filename, value FROM Cache WHERE key IN ({', '.join('?' * len(keys))}) AND raw = 1"
+        found = {}
+        for key, mode, filename, value in self._rows(sql, tuple(keys)):
+            raw = mode == diskcache.core.MODE_RAW and filename is None
+            found[key] = value if raw else self._kv.get(key)
+        record = self._as_dict(keys[0], self._parse_json(keys[0], found.get(keys[0]))) or {}
+        values = {}
+        for name, key in zip(counters, keys[1:], strict=True):
+            value = found.get(key, 0)
+            if not isinstance(value, int):
+                raise StoreError(
+                    f"the counter {key!r} in the nbagent store at {self.path} is damaged; it was "
+                    "not used. Move the store aside and start again with a fresh --store folder."
+                )
+            values[name] = value
+        return record, values
+
     def incr(self, run: str, name: str, delta: int = 1) -> int:
         key = f"ctr/{run}/{name}"
         rows = self._rows(_INCR_RAW, (delta, time.time(), key))
