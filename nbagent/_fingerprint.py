@@ -282,7 +282,13 @@ def hash_value(obj: Any) -> str:
     Values that cannot be hashed (unpicklable clients, locks, generators)
     give ``"opaque:<type>"`` so they never force a re-run by themselves.
     """
-    if type(obj) is Unrestored:  # stands for a value that could not be stored
+    t = type(obj)
+    if t in _SCALARS:  # what _Hasher.feed hashes for them, in one call
+        return xxhash.xxh3_128_hexdigest(f"{t.__name__}:{obj!r};".encode())
+    if t is str:
+        data = obj.encode("utf-8", "surrogatepass")
+        return xxhash.xxh3_128_hexdigest(f"s{len(data)}:".encode() + data)
+    if t is Unrestored:  # stands for a value that could not be stored
         return obj._token
     hasher = _Hasher()
     try:
@@ -290,6 +296,9 @@ def hash_value(obj: Any) -> str:
     except RecursionError:
         return opaque_token(obj)
     return hasher.top_opaque or hasher.h.hexdigest()
+
+
+_SCALARS = frozenset({type(None), bool, int, float, complex})
 
 
 def opaque_token(obj: Any) -> str:

@@ -126,6 +126,18 @@ def test_equal_values_hash_equal_and_different_values_differ() -> None:
     assert hash_value({"a": 1, "b": [1, 2]}) == hash_value({"a": 1, "b": [1, 2]})
 
 
+def test_scalars_and_strings_hash_as_the_general_path_does() -> None:
+    """hash_value's fast path for scalars and strings gives the walker's digests (stored hashes
+    in records made before it keep matching)."""
+    from nbagent._fingerprint import _Hasher
+
+    for value in (None, True, False, 0, -7, 2**80, 1.5, float("nan"), -0.0, 3j, "", "héllo",
+                  "\ud800", "x" * 10_000):  # fmt: skip
+        walker = _Hasher()
+        walker.feed(value)
+        assert hash_value(value) == walker.h.hexdigest(), value
+
+
 def test_dict_hash_tracks_content() -> None:
     d = {"k": [1, 2]}
     before = hash_value(d)
