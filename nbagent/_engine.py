@@ -733,6 +733,7 @@ class Run:
         *,
         rerun: bool = False,
         cell_id: str | None = None,
+        legacy_hash: Callable[[], str] | None = None,
     ) -> Execution:
         """Decide replay or execute for one step; for execute, enforce stop and step cap and lock it.
 
@@ -743,7 +744,7 @@ class Run:
         name = check_name("step", name)
         step_id = f"{name}#{occurrence}"
         record = self.store.get_step(self.name, step_id) if step_id in self._stored() else None
-        reason = _why_execute(record, source_hash, inputs, rerun)
+        reason = _why_execute(record, source_hash, inputs, rerun, legacy_hash)
         if record is not None and reason is None:
             return Execution(
                 self, name, occurrence, source_hash, inputs, record=record, cell_id=cell_id
@@ -756,7 +757,7 @@ class Run:
         if now != record:
             # committed (by another kernel or process) or dropped since this process last
             # looked: decide from what is stored now, under the lock; never execute twice
-            record, reason = now, _why_execute(now, source_hash, inputs, rerun)
+            record, reason = now, _why_execute(now, source_hash, inputs, rerun, legacy_hash)
             if record is not None and reason is None:
                 self.store.undo_begin(self.name, step_id, counted)
                 self._stored().add(step_id)
@@ -828,7 +829,14 @@ class Run:
                 g = fn.__globals__
                 inputs = {"(arguments)": fp.hash_value((args, kwargs))}
                 inputs.update({n: fp.hash_value(g[n]) for n in globals_read if n in g})
-                ex = self.begin(step_name, occurrence, src, inputs, rerun=rerun)
+                ex = self.begin(
+                    step_name,
+                    occurrence,
+                    src,
+                    inputs,
+                    rerun=rerun,
+                    legacy_hash=lambda: function_source_hash(fn, legacy=True),
+                )
                 if ex.replay:
                     ex.print_replay()
                     return ex.load_value("(return)")
@@ -847,15 +855,19 @@ class Run:
             _current_run = None
 
 
-def function_source_hash(fn: Callable[..., Any]) -> str:
-    """Normalized source of a function without its decorators; bytecode if no source."""
+def function_source_hash(fn: Callable[..., Any], legacy: bool = False) -> str:
+    """Normalized source of a function without its decorators; bytecode if no source.
+
+    ``legacy``: the hash older nbagents recorded (see fingerprint.FINGERPRINT_VERSION).
+    """
     try:
         source = textwrap.dedent(inspect.getsource(fn))
         tree = fp.ast.parse(source)
         node = tree.body[0]
         if isinstance(node, fp.ast.FunctionDef | fp.ast.AsyncFunctionDef):
             node.decorator_list = []
-        return fp.source_hash(fp.ast.unparse(tree))
+        text = fp.ast.unparse(tree)
+        return fp.legacy_source_hash(text) if legacy else fp.source_hash(text)
     except (OSError, TypeError, SyntaxError, IndexError):
         h = fp._Hasher()
         h.code(fn.__code__)
@@ -872,17 +884,28 @@ def _raise_if_stopped(name: str, record: dict[str, Any]) -> None:
 
 
 def _why_execute(
-    record: dict[str, Any] | None, source_hash: str, inputs: dict[str, str], rerun: bool
+    record: dict[str, Any] | None,
+    source_hash: str,
+    inputs: dict[str, str],
+    rerun: bool,
+    legacy: Callable[[], str] | None = None,
 ) -> str | None:
     """Why a step with this record executes again (a one-line reason), or None: replay it.
 
-    None also for a step without a record (it simply runs).
+    None also for a step without a record (it simply runs). ``legacy`` computes
+    the source hash as older nbagents did, for records they wrote.
     """
     if record is None:
         return None
     if rerun:
         return "--rerun"
-    if record.get("source_hash") != source_hash:
+    recorded = record.get("source_hash")
+    if recorded != source_hash and not (
+        # a record of an older nbagent holds its own kind of hash: compare like with like
+        legacy is not None
+        and record.get("fingerprint", 1) < fp.FINGERPRINT_VERSION
+        and recorded == legacy()
+    ):
         return "source changed"
     old = record.get("inputs", {})
     # a value equal to what the step itself left behind is not a change: running
@@ -1136,6 +1159,7 @@ class Execution:
             "occurrence": self.occurrence,
             "status": "done",
             "source_hash": self.source_hash,
+            "fingerprint": fp.FINGERPRINT_VERSION,
             "inputs": self.inputs,
             "saved": sorted(blobs),
             "after": after,

@@ -26,33 +26,78 @@ OPAQUE = "opaque:"
 _MAX_DEPTH = 64
 
 
-def normalize_source(source: str) -> str:
-    """The source's AST dump: comments, blank lines and spacing do not count."""
-    return ast.dump(ast.parse(source))
+#: Version of the normalized-source hash kept in step records. 2: one walk of the AST
+#: (:func:`fingerprint`); 1 hashed ``ast.dump`` (same meaning, several times slower).
+FINGERPRINT_VERSION = 2
+
+
+def fingerprint(tree: ast.AST) -> tuple[str, set[str]]:
+    """(hash of the normalized source, names the code reads), from one walk of its AST.
+
+    The hash covers every node's type and fields, never positions: comments,
+    blank lines and spacing do not count. Names read: every name loaded anywhere
+    (inside the functions the code defines too), and names declared ``global`` or
+    ``nonlocal``. Each node is one part (its type, its list lengths, the repr of
+    each plain field), so two different trees cannot give the same parts.
+    """
+    parts: list[str] = []
+    reads: set[str] = set()
+    stack: list[Any] = [tree]
+    pop, push, add = stack.pop, stack.append, parts.append
+    node: Any
+    while stack:
+        node = pop()
+        t = type(node)
+        if t is list:
+            add(f"[{len(node)}")
+            stack.extend(reversed(node))
+        elif issubclass(t, ast.AST):
+            add(t.__name__)
+            if t is ast.Name:
+                if type(node.ctx) is ast.Load:
+                    reads.add(node.id)
+            elif t is ast.Global or t is ast.Nonlocal:
+                reads.update(node.names)
+            for name in reversed(t._fields):
+                push(getattr(node, name, None))
+        else:
+            add(repr(node))
+    text = "\x1f".join(parts)
+    return xxhash.xxh3_128_hexdigest(text.encode("utf-8", "surrogatepass")), reads
 
 
 def source_hash(source: str) -> str:
+    """:func:`fingerprint`'s hash of source text; text that does not parse: its stripped lines."""
     try:
-        text = normalize_source(source)
+        tree = ast.parse(source)
+    except SyntaxError:
+        text = "\n".join(line.rstrip() for line in source.strip().splitlines())
+        return xxhash.xxh3_128_hexdigest(text.encode("utf-8", "surrogatepass"))
+    return fingerprint(tree)[0]
+
+
+def legacy_source_hash(source: str) -> str:
+    """The hash of :data:`FINGERPRINT_VERSION` 1 (``ast.dump``), to compare older records."""
+    try:
+        text = ast.dump(ast.parse(source))
     except SyntaxError:
         text = "\n".join(line.rstrip() for line in source.strip().splitlines())
     return xxhash.xxh3_128_hexdigest(text.encode("utf-8", "surrogatepass"))
 
 
+def legacy_tree_hash(tree: ast.AST) -> str:
+    """:func:`legacy_source_hash` of the source ``tree`` was parsed from."""
+    return xxhash.xxh3_128_hexdigest(ast.dump(tree).encode("utf-8", "surrogatepass"))
+
+
 def tree_hash(tree: ast.AST) -> str:
     """``source_hash`` of the source ``tree`` was parsed from, without parsing it again."""
-    return xxhash.xxh3_128_hexdigest(ast.dump(tree).encode("utf-8", "surrogatepass"))
+    return fingerprint(tree)[0]
 
 
 def names_read(tree: ast.AST) -> set[str]:
     """Every name loaded anywhere in the code (including inside functions it defines)."""
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
-            found.add(node.id)
-        elif isinstance(node, ast.Global | ast.Nonlocal):
-            found.update(node.names)
-    return found
+    return fingerprint(tree)[1]
 
 
 def names_deleted(tree: ast.Module) -> set[str]:
@@ -358,8 +403,8 @@ _SHELL_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "open"})
 __all__ = [
     "hash_value",
     "names_deleted",
+    "fingerprint",
     "names_read",
-    "normalize_source",
     "reachable_names",
     "source_hash",
 ]

@@ -358,10 +358,18 @@ class NbagentExtension:
                 f"step names must be unique within a run. Rename this one, e.g. `%%step {name}-2`."
             )
         ns = self.shell.user_ns
-        reads = fp.names_read(tree)
+        source_hash, reads = fp.fingerprint(tree)
         candidates = sorted(n for n in fp.reachable_names(reads, ns) if fp.is_user_name(n))
         inputs = {n: fp.hash_value(ns[n]) for n in candidates}
-        ex = run.begin(name, 1, fp.tree_hash(tree), inputs, rerun=args.rerun, cell_id=cell_id)
+        ex = run.begin(
+            name,
+            1,
+            source_hash,
+            inputs,
+            rerun=args.rerun,
+            cell_id=cell_id,
+            legacy_hash=lambda: fp.legacy_tree_hash(tree),
+        )
         if cell_id:
             self.cells[key] = cell_id
         pending = self.pending = _Pending(ex, args)

@@ -85,6 +85,12 @@ def cell_step(
         source_hash = (
             fp.source_hash(ast.unparse(body)) if body is not None else function_source_hash(fn)
         )
+
+        def legacy_hash() -> str:  # the hash older nbagents recorded
+            if body is not None:
+                return fp.legacy_source_hash(ast.unparse(body))
+            return function_source_hash(fn, legacy=True)
+
         reads = fp.names_read(body) if body is not None else set(fp._code_globals(fn.__code__))
         namespace: dict[str, Any] = fn.__globals__  # type: ignore[attr-defined]
 
@@ -95,7 +101,9 @@ def cell_step(
                 n for n in fp.reachable_names(reads, namespace) if fp.is_user_name(n)
             )
             inputs = {n: fp.hash_value(namespace[n]) for n in candidates}
-            ex = run.begin(step_name, occurrence, source_hash, inputs, rerun=rerun)
+            ex = run.begin(
+                step_name, occurrence, source_hash, inputs, rerun=rerun, legacy_hash=legacy_hash
+            )
             if ex.replay:
                 _replay(ex, namespace)
                 return

@@ -211,6 +211,40 @@ def test_unpicklable_part_of_a_container_does_not_make_it_opaque() -> None:
 # -- names ------------------------------------------------------------------------------------
 
 
+SAMPLES = [
+    "x = 1",
+    "plan = ask(goal).split('\\n')\nfor p in plan:\n    findings.append(p)",
+    "async def f(a, *b, c=1, **d):\n    global g\n    await h(a)\n    return [i async for i in b]",
+    "class C(B, metaclass=M):\n    x: int = 3\n    def m(self): nonlocal_ = lambda: y",
+    "with open(p) as f, lock:\n    data = {k: v for k, v in f if k not in seen}",
+    "try:\n    r = 1 / z\nexcept (ValueError, E) as e:\n    raise X from e\nfinally:\n    del q",
+    "match cmd:\n    case [a, *rest] if a > lim:\n        print(f'{a!r:>{w}}')\n    case _:\n        pass",
+    "s = b'bytes' + 'x' 'y'; t = 1j + 2.5e-3; u = ...; v = None; w = True",
+    "import os.path as op\nfrom .m import (a, b as c)\nx = [*a, *op.sep]",
+]
+
+
+@pytest.mark.parametrize("source", SAMPLES)
+def test_one_walk_reads_what_the_ast_walk_reads_and_survives_unparse(source: str) -> None:
+    import ast
+
+    from nbagent._fingerprint import fingerprint
+
+    tree = ast.parse(source)
+    old = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            old.add(node.id)
+        elif isinstance(node, ast.Global | ast.Nonlocal):
+            old.update(node.names)
+    digest, reads = fingerprint(tree)
+    assert reads == old
+    # an exported module hashes ast.unparse(body): the notebook's records must match it
+    assert fingerprint(ast.parse(ast.unparse(tree)))[0] == digest == source_hash(source)
+    others = {fingerprint(ast.parse(other))[0] for other in SAMPLES if other != source}
+    assert digest not in others
+
+
 def test_names_read_includes_names_inside_functions_and_globals() -> None:
     tree = ast.parse(
         textwrap.dedent(

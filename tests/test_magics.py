@@ -103,6 +103,60 @@ def test_rerun_after_restart_replays_without_executing(
     assert elapsed < 0.5
 
 
+def as_older_nbagent_recorded(step_id: str, source_hash: str, run: str = "default") -> None:
+    """Rewrite a step record as nbagent's fingerprint version 1 wrote it."""
+    store = _store.open_store()
+    rec = store.get_step(run, step_id)
+    assert rec is not None and rec.pop("fingerprint", 2) == 2
+    rec["source_hash"] = source_hash
+    store._set_json(f"step/{run}/{step_id}", rec)
+
+
+def test_records_of_an_older_source_fingerprint_still_replay(
+    ip: Any, log: list[str], tmp_path: Any
+) -> None:
+    """Stores written before the one-walk fingerprint: same source replays, a change runs."""
+    import ast
+
+    from nbagent import _fingerprint as fp
+
+    ok(ip, PLAN)
+    body = PLAN.split("\n", 1)[1]
+    as_older_nbagent_recorded("plan#1", fp.legacy_tree_hash(ast.parse(body)))
+    restart(ip, "plan")
+    ok(ip, PLAN)
+    assert log == ["plan"]  # replayed: nothing re-ran (its LLM calls would be paid again)
+    as_older_nbagent_recorded("plan#1", fp.legacy_tree_hash(ast.parse(body + "x = 1\n")))
+    restart(ip, "plan")
+    ok(ip, PLAN)
+    assert log == ["plan", "plan"]  # a different source under the old hash: it runs
+
+    # the Python API and exported modules compare the same way
+    script = tmp_path / "agent.py"
+    script.write_text(
+        "import nbagent\n"
+        f"run = nbagent.Run('py', store={str(tmp_path / 's')!r})\n"
+        "calls = []\n"
+        "@run.step('fetch')\n"
+        "def fetch():\n"
+        "    calls.append(1)\n"
+        "    return 42\n"
+    )
+    import runpy
+
+    from nbagent._engine import function_source_hash
+
+    ns = runpy.run_path(str(script))
+    assert ns["fetch"]() == 42 and ns["calls"] == [1]
+    st = ns["run"].store
+    rec = st.get_step("py", "fetch#1")
+    rec.pop("fingerprint")
+    rec["source_hash"] = function_source_hash(ns["fetch"].__wrapped__, legacy=True)
+    st._set_json("step/py/fetch#1", rec)
+    ns2 = runpy.run_path(str(script))
+    assert ns2["fetch"]() == 42 and ns2["calls"] == []  # replayed
+
+
 def test_replay_in_the_same_kernel_is_a_no_op(ip: Any, log: list[str]) -> None:
     ok(ip, PLAN)
     ok(ip, PLAN)
