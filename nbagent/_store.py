@@ -160,6 +160,16 @@ class _Cache(diskcache.Cache):
 
         return sql
 
+    @property
+    def _con(self) -> Any:
+        """diskcache's connection of this thread, with SQLite's automatic checkpoints off:
+        the store's _Checkpointer runs them on a thread of its own."""
+        con = diskcache.Cache._con.fget(self)  # type: ignore[attr-defined]
+        if getattr(self._local, "nbagent_con", None) is not con:
+            con.execute("PRAGMA wal_autocheckpoint = 0")
+            self._local.nbagent_con = con
+        return con
+
     def get(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().get(*args, **kwargs)
@@ -348,6 +358,63 @@ _DELETE_RAW = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND filename IS NULL"
 _STEP_KEYS = "SELECT key FROM Cache WHERE key >= ? AND key < ? AND raw = 1 ORDER BY rowid"
 
 
+class _Checkpointer:
+    """SQLite's write-ahead-log checkpoints for one store, on a thread of their own.
+
+    SQLite checkpoints inside whichever commit finds the log past 1,000 pages:
+    copying the log into the database and syncing it takes milliseconds, which a
+    step or an LLM call would pay (a step's commit writes ~8 pages). nbagent's
+    connections turn that off (``_Cache._con``) and this thread checkpoints
+    instead, after every 64 commits of this process and once a second while the
+    log changes, as commits go on (SQLite lets writers append meanwhile). The
+    thread starts with a commit and ends after 5 idle seconds (a forked child
+    starts its own). A failed checkpoint is left for the next one; SQLite also
+    checkpoints when a process closes its last connection.
+    """
+
+    EVERY = 64
+    IDLE_S = 5
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.wal = store.path / "cache.db-wal"
+        self.wake = threading.Event()
+        self.commits = 0
+        self.stopped = False
+        self.thread: threading.Thread | None = None
+
+    def committed(self) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self._run, name="nbagent-checkpoint", daemon=True)
+            self.thread.start()
+        self.commits += 1
+        if self.commits >= self.EVERY:
+            self.commits = 0
+            self.wake.set()
+
+    def _run(self) -> None:
+        seen: Any = None
+        idle = 0
+        while not self.stopped and idle < self.IDLE_S:
+            idle = 0 if self.wake.wait(1.0) else idle + 1
+            self.wake.clear()
+            if self.stopped:
+                return
+            try:
+                st = os.stat(self.wal)
+                if (st.st_size, st.st_mtime_ns) != seen:
+                    idle = 0
+                    self.store._kv._con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    st = os.stat(self.wal)
+                    seen = (st.st_size, st.st_mtime_ns)
+            except Exception:  # noqa: BLE001 - no log yet, a full disk, a closed store
+                pass
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.wake.set()
+
+
 class _Transaction:
     """``Store.transaction()``: what ``diskcache.Cache.transact(retry=True)`` does, lighter.
 
@@ -386,6 +453,7 @@ class _Transaction:
         if et is None:
             try:
                 self.store._rows("COMMIT", ())
+                self.store._checkpointer.committed()
                 return
             except BaseException:  # e.g. a full disk: nothing of it is kept
                 with contextlib.suppress(sqlite3.Error, StoreError):
@@ -425,6 +493,7 @@ class Store:
                 f"the nbagent store at {self.path} is damaged or not a store ({e}). "
                 "Move it aside and start again with a fresh --store folder."
             ) from e
+        self._checkpointer = _Checkpointer(self)
         self._check_format()
         self.id: str = self._kv.get("meta/id") or ""
         if not self.id:
@@ -1030,6 +1099,7 @@ class Store:
         if self._deferred:
             with contextlib.suppress(Exception):
                 self._flush_trace()
+        self._checkpointer.stop()
         self._kv.close()
 
 

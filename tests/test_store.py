@@ -560,6 +560,26 @@ def test_without_a_step_cap_an_execution_is_counted_when_it_ends(tmp_path: Path)
     assert capped.steps_executed == 1
 
 
+def test_checkpoints_run_on_a_thread_not_in_commits(tmp_path: Path) -> None:
+    """SQLite would copy the write-ahead log into cache.db inside a commit; the store's own
+    thread does it while commits go on."""
+    import time as _time
+
+    store = Store(tmp_path / "s")
+    assert store._kv._con.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    db = tmp_path / "s" / "cache.db"
+    before = db.stat().st_size
+    for i in range(300):
+        store.commit_step("r", f"a{i}#1", {"pad": "x" * 2000}, {}, previous=None)
+    deadline = _time.monotonic() + 10
+    while db.stat().st_size < before + 400_000:  # the records reached the database file
+        assert _time.monotonic() < deadline, "the log was not checkpointed"
+        _time.sleep(0.05)
+    assert store.get_step("r", "a299#1") == {"pad": "x" * 2000}
+    store.close()
+    assert store._checkpointer.stopped
+
+
 def test_replay_trace_rows_are_deferred_but_read_and_committed_in_order(tmp_path: Path) -> None:
     path = tmp_path / "s"
     run = nbagent.Run("r", store=path)
