@@ -14,13 +14,13 @@ import json
 import os
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import pytest
+from kernels import install_kernelspec
 from nbclient import NotebookClient
 from nbclient.exceptions import DeadKernelError
 
@@ -105,20 +105,7 @@ def make_notebook(plan: str = PLAN, research: str = RESEARCH) -> Any:
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     """A kernelspec for this interpreter, and the files the notebook's steps use."""
-    spec = tmp_path / "jupyter" / "kernels" / KERNEL
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(
-        json.dumps(
-            {
-                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                "display_name": "nbagent tests",
-                "language": "python",
-            }
-        )
-    )
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
-    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    install_kernelspec(tmp_path, monkeypatch, KERNEL, "nbagent tests")
     files = {
         "log": tmp_path / "effects.log",
         "hang": tmp_path / "hang",
