@@ -329,7 +329,13 @@ _READ_WHOLE = 8 << 20
 _INLINE_BLOB = 1 << 20
 
 _SELECT_RAW = "SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
-_SELECT_RAW_2 = "SELECT key, mode, filename, value FROM Cache WHERE key IN (?, ?) AND raw = 1"
+
+
+@functools.lru_cache(maxsize=16)
+def _select_raw_many(n: int) -> str:
+    return f"SELECT key, mode, filename, value FROM Cache WHERE key IN ({', '.join('?' * n)}) AND raw = 1"
+
+
 # diskcache's row for a small value; replaces only a row whose value is not in a file
 
 
@@ -611,6 +617,14 @@ class Store:
                 raise store_error(e, self.path) from e
             raise
 
+    def _raw_many(self, keys: tuple[str, ...]) -> dict[str, Any]:
+        """:meth:`_raw` of several keys with one SELECT (missing keys are left out)."""
+        found = {}
+        for key, mode, filename, value in self._rows(_select_raw_many(len(keys)), keys):
+            raw = mode == diskcache.core.MODE_RAW and filename is None
+            found[key] = value if raw else self._kv.get(key)
+        return found
+
     def _raw(self, key: str) -> Any:
         rows = self._rows(_SELECT_RAW, (key,))
         if not rows:
@@ -770,11 +784,7 @@ class Store:
         self, key: str, other: str
     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """:meth:`_get_dict` of two keys with one SELECT."""
-        raw: dict[str, Any] = {}
-        for k, mode, filename, value in self._rows(_SELECT_RAW_2, (key, other)):
-            raw[k] = (
-                value if mode == diskcache.core.MODE_RAW and filename is None else self._kv.get(k)
-            )
+        raw = self._raw_many((key, other))
         return (
             self._as_dict(key, self._parse_json(key, raw.get(key))),
             self._as_dict(other, self._parse_json(other, raw.get(other))),
@@ -817,11 +827,7 @@ class Store:
     ) -> tuple[dict[str, Any], dict[str, int]]:
         """The run's record (``{}`` if missing) and some of its counters, with one SELECT."""
         keys = [f"run/{run}", *(f"ctr/{run}/{name}" for name in counters)]
-        sql = f"SELECT key, mode, filename, value FROM Cache WHERE key IN ({', '.join('?' * len(keys))}) AND raw = 1"
-        found = {}
-        for key, mode, filename, value in self._rows(sql, tuple(keys)):
-            raw = mode == diskcache.core.MODE_RAW and filename is None
-            found[key] = value if raw else self._kv.get(key)
+        found = self._raw_many(tuple(keys))
         record = self._as_dict(keys[0], self._parse_json(keys[0], found.get(keys[0]))) or {}
         values = {}
         for name, key in zip(counters, keys[1:], strict=True):
