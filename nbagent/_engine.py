@@ -1285,7 +1285,7 @@ class NamespaceSnapshot:
         self.length = len(namespace)
         self.marked = marked
         self.names = [k for k in namespace if fp.is_user_name(k)] if names is None else names
-        self.objects = list(map(namespace.__getitem__, self.names))
+        self.objects = _getter(self.names)(namespace)
 
     def added(self, namespace: dict[str, Any]) -> list[str] | None:
         """Keys added since the snapshot, in order; None if a key it had was deleted."""
@@ -1299,7 +1299,7 @@ class NamespaceSnapshot:
         """(user names bound or rebound since the snapshot, user names deleted)."""
         added = self.added(namespace)
         if added is not None:  # nothing deleted: every name of the snapshot is still there
-            after = map(namespace.__getitem__, self.names)
+            after = _getter(self.names)(namespace)
             bound = set(compress(self.names, map(operator.is_not, self.objects, after)))
             bound.update(k for k in added if fp.is_user_name(k))
             return bound, set()
@@ -1310,6 +1310,25 @@ class NamespaceSnapshot:
             if fp.is_user_name(k) and before.get(k, _MISSING) is not v
         }
         return bound, before.keys() - namespace.keys()
+
+
+def _getter(names: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """``namespace -> tuple of the objects of names``, one C loop (twice as fast as a map of
+    ``__getitem__``). Built once per names list: NamespaceWatch shares its list between
+    snapshots until a name is added."""
+    global _last_getter
+    names_then, getter = _last_getter
+    if names_then is not names:
+        if len(names) == 1:  # itemgetter of one name returns the object, not a 1-tuple
+            name = names[0]
+            getter = lambda ns: (ns[name],)  # noqa: E731
+        else:
+            getter = operator.itemgetter(*names) if names else (lambda ns: ())
+        _last_getter = (names, getter)
+    return getter  # type: ignore[no-any-return]
+
+
+_last_getter: tuple[Any, Any] = (None, None)
 
 
 def _added_after_mark(namespace: dict[str, Any], length: int) -> list[str] | None:
