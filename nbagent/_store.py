@@ -2,22 +2,28 @@
 
 Layout of a store directory (created private to the user, mode 0700)::
 
-    STORE/cache.db    a diskcache.Cache: every key is a plain string and every
-                      value is a str (JSON), an int or signed bytes, so opening
-                      a store never unpickles anything (diskcache would unpickle
-                      other types on read). The same SQLite database holds the
-                      ``trace`` table: the append-only trace (one row per LLM
-                      attempt, tool call, step outcome, cap change and alert)
+    STORE/cache.db    one SQLite database, shared by diskcache and nbagent:
+                      ``records``  step records, small value blobs, counters, run
+                                   records and ledgers (key -> JSON text, an
+                                   integer or signed bytes); one row each
+                      ``trace``    the append-only trace (one row per LLM attempt,
+                                   tool call, step outcome, cap change and alert)
+                      ``Cache``    diskcache's: the store's identity and format
+                                   (``meta/*``) and the large values (32 KB and
+                                   more), kept as files under STORE/
     STORE/cache.db-locks  step locks (POSIX record locks; the file stays empty)
 
-Why a table beside diskcache's: the trace is scanned whole to build a DataFrame
-(100k rows in well under a second with one SQL query); diskcache is a key-value
-store and shines at the rest. One database, so a step's record, its values and
-its trace row are committed in one transaction. Writes are crash-safe: diskcache
-commits each write in one SQLite transaction and writes large values to a
-file before the row that names it, so a SIGKILL leaves either the old or the
-new entry, never half of one. (Format 1 kept the trace in ``trace.sqlite3``;
-opening such a store moves its rows into ``cache.db``.)
+Why tables beside diskcache's: a step commit writes its record, its small values,
+its trace row and the run's step count in one transaction, and the pages it
+writes are most of its cost; diskcache's table has two indexes and five triggers
+(over eight pages per step commit, four with ``records``). The trace is scanned
+whole to build a DataFrame (100k rows in well under a second with one SQL
+query). diskcache keeps what it is best at: values in files, written before the
+row that names them, never rewritten in place. Writes are crash-safe: every
+write is one SQLite transaction, so a SIGKILL leaves either the old or the new
+entry, never half of one. Nothing in the store is a pickle that diskcache would
+unpickle on read. (Format 1 kept the trace in ``trace.sqlite3``; format 3 and
+older kept the records in diskcache's table: opening such a store moves them.)
 
 Variable blobs are pickles, and unpickling runs code, so every blob carries a
 signature (keyed BLAKE3, a MAC; format 2 used HMAC-SHA256) made with a
@@ -64,7 +70,9 @@ from ._errors import StepLockedError, StoreError, StoreFormatError
 #: trace table is in ``cache.db`` (it was ``trace.sqlite3``).
 #: 3: value blobs are signed with keyed BLAKE3 (``NBA2``, a 48-byte head) and may hold
 #: pickle-5 out-of-band buffers; format 2's blobs are still read.
-FORMAT_VERSION = 3
+#: 4: every entry but ``meta/*`` and value files is a row of the ``records`` table, not of
+#: diskcache's ``Cache``; the trace's ``seq`` is a plain rowid (no AUTOINCREMENT).
+FORMAT_VERSION = 4
 
 #: Money is kept as integer nano-dollars so counters can be incremented
 #: atomically by diskcache (which only increments integers).
@@ -162,11 +170,14 @@ class _Cache(diskcache.Cache):
 
     @property
     def _con(self) -> Any:
-        """diskcache's connection of this thread, with SQLite's automatic checkpoints off:
-        the store's _Checkpointer runs them on a thread of its own."""
+        """diskcache's connection of this thread, with SQLite's automatic checkpoints off
+        (the store's _Checkpointer runs them on a thread of its own) and b-tree pages
+        checked as they are read: a damaged page is an error, never a key that seems
+        missing (which would run a step, a call or an effect again)."""
         con = diskcache.Cache._con.fget(self)  # type: ignore[attr-defined]
         if getattr(self._local, "nbagent_con", None) is not con:
             con.execute("PRAGMA wal_autocheckpoint = 0")
+            con.execute("PRAGMA cell_size_check = ON")
             self._local.nbagent_con = con
         return con
 
@@ -206,7 +217,7 @@ TRACE_COLUMNS: tuple[str, ...] = (
 
 _TRACE_SCHEMA = (
     """CREATE TABLE IF NOT EXISTS trace (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     ts REAL NOT NULL, run TEXT NOT NULL, step TEXT, kind TEXT NOT NULL, name TEXT,
     attempt INTEGER, status TEXT, error TEXT, wait_s REAL, model TEXT,
     input_tokens INTEGER, cached_tokens INTEGER, output_tokens INTEGER,
@@ -328,40 +339,48 @@ _READ_WHOLE = 8 << 20
 #: Value blobs up to this size are written inside the commit transaction.
 _INLINE_BLOB = 1 << 20
 
-_SELECT_RAW = "SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+# Every entry but the store's identity (``meta/*``, kept by diskcache so that any nbagent can
+# read the format) and large values (files, kept by diskcache) is a row of ``records``:
+# step records, small value blobs, counters, run records, ledgers. One B-tree and its key
+# index, no triggers and no expiry index: a step commit writes half the pages it wrote in
+# diskcache's ``Cache`` table. The rowid is the order of first insertion (an upsert keeps it).
+_RECORDS_SCHEMA = "CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY NOT NULL, value)"
+_GET = "SELECT value FROM records WHERE key = ?"
+_ADD = "INSERT INTO records (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING RETURNING 1"
+_DELETE = "DELETE FROM records WHERE key = ?"
+_DELETE_RANGE = "DELETE FROM records WHERE key >= ? AND key < ?"
+_RANGE_KEYS = "SELECT key FROM records WHERE key >= ? AND key < ? ORDER BY rowid"
+#: an integer counter: created at ``delta``, else incremented; no row back when it is not
+#: an integer (damaged)
+_INCR = (
+    "INSERT INTO records (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+    "SET value = value + excluded.value WHERE typeof(value) = 'integer' RETURNING value"
+)
+#: a value kept by diskcache (a file, or anything of format 3 and older)
+_SELECT_FILE = "SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
 
 
 @functools.lru_cache(maxsize=16)
-def _select_raw_many(n: int) -> str:
-    return f"SELECT key, mode, filename, value FROM Cache WHERE key IN ({', '.join('?' * n)}) AND raw = 1"
-
-
-# diskcache's row for a small value; replaces only a row whose value is not in a file
+def _get_many(n: int) -> str:
+    return f"SELECT key, value FROM records WHERE key IN ({', '.join('?' * n)})"
 
 
 @functools.lru_cache(maxsize=64)
-def _upsert_raw(rows: int) -> str:
-    """UPSERT of ``rows`` small values (key, store_time, access_time, value each)."""
-    values = ", ".join(["(?, 1, ?, NULL, ?, 0, NULL, 0, 1, NULL, ?)"] * rows)
+def _put_many(n: int) -> str:
+    values = ", ".join(["(?, ?)"] * n)
     return (
-        "INSERT INTO Cache (key, raw, store_time, expire_time, access_time, access_count, tag, "
-        f"size, mode, filename, value) VALUES {values} "
-        "ON CONFLICT (key, raw) DO UPDATE SET store_time = excluded.store_time, "
-        "expire_time = NULL, access_time = excluded.access_time, access_count = 0, tag = NULL, "
-        "size = 0, mode = 1, filename = NULL, value = excluded.value WHERE filename IS NULL "
-        "RETURNING key"
+        f"INSERT INTO records (key, value) VALUES {values} "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
     )
 
 
-_UPSERT_RAW = _upsert_raw(1)
+def _range(prefix: str) -> tuple[str, str]:
+    """(low, high) bounds of the keys starting with ``prefix`` (which ends with ``/``)."""
+    return prefix, prefix[:-1] + "0"  # "0" sorts right after "/"
+
+
 #: at most this many rows per multi-row upsert (SQLite allows 32766 parameters)
-_UPSERT_BATCH = 200
-_INCR_RAW = (
-    "UPDATE Cache SET value = value + ?, store_time = ? WHERE key = ? AND raw = 1 "
-    "AND mode = 1 AND filename IS NULL AND typeof(value) = 'integer' RETURNING value"
-)
-_DELETE_RAW = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND filename IS NULL"
-_STEP_KEYS = "SELECT key FROM Cache WHERE key >= ? AND key < ? AND raw = 1 ORDER BY rowid"
+_UPSERT_BATCH = 500
 
 
 class _Checkpointer:
@@ -526,7 +545,7 @@ class Store:
                 f"reads format {FORMAT_VERSION} or older. Upgrade nbagent "
                 "(pip install -U nbagent) or use another --store folder; nothing was changed."
             )
-        for statement in _TRACE_SCHEMA:
+        for statement in (*_TRACE_SCHEMA, _RECORDS_SCHEMA):
             self._kv._sql(statement)
         if found < FORMAT_VERSION:
             self._upgrade()
@@ -536,18 +555,23 @@ class Store:
     def _upgrade(self) -> None:
         """Bring a store of an older format to this one (once; safe to race and to kill).
 
+        All in one transaction that also raises the version (an older nbagent refuses
+        the upgraded store):
+
+        3 -> 4: every entry of diskcache's ``Cache`` but ``meta/*`` and the value
+        files moves to ``records``, in rowid order (so steps keep their order); the
+        trace table is rebuilt without AUTOINCREMENT (same rows, same ``seq``).
         2 -> 3: nothing moves (older blobs stay as they are, and are read).
         1 -> 2: the rows of ``trace.sqlite3`` are copied (with their ``seq``) into
-        the trace table of ``cache.db``, in the transaction that raises the
-        version; then the old file is deleted. Format 1's step records are ordered
-        by rowid like format 2's; its step index and lock rows are left (ignored;
-        ``drop_run`` deletes them). An older nbagent refuses the upgraded store.
+        the trace table of ``cache.db``; then the old file is deleted. Format 1's
+        step index and lock rows are left (ignored; ``drop_run`` deletes them).
         """
         old = self.path / _OLD_TRACE
         attached = False
         if old.exists():
             self._kv._sql("ATTACH DATABASE ? AS old_trace", (str(old),))
             attached = True
+        moved_files: list[str] = []
         try:
             with self.transaction():
                 if (self._kv.get("meta/format") or 0) < FORMAT_VERSION:
@@ -563,11 +587,49 @@ class Store:
                             "WHERE seq > (SELECT coalesce(max(seq), 0) FROM main.trace) "
                             "ORDER BY seq"
                         )
+                    moved_files = self._move_to_records()
+                    self._rebuild_trace()
                     self._kv.set("meta/format", FORMAT_VERSION)
         finally:
             if attached:
                 self._kv._sql("DETACH DATABASE old_trace")
+        for filename in moved_files:  # after the commit: a rolled back move loses nothing
+            self._kv._disk.remove(filename)
         self._remove_old_trace()
+
+    def _move_to_records(self) -> list[str]:
+        """Format 3 -> 4: diskcache's entries into ``records``; returns the files to delete."""
+        files = []
+        entries = self._rows(
+            "SELECT rowid, key, mode, filename, value FROM Cache "
+            "WHERE raw = 1 AND substr(key, 1, 5) != 'meta/' ORDER BY rowid",
+            (),
+        )
+        for rowid, key, mode, filename, value in entries:
+            if filename is not None:
+                if key.startswith("blob/"):
+                    continue  # a large value: it stays a file
+                value = self._kv.get(key)  # a large text (a record) kept in a file
+                files.append(filename)
+            elif mode != diskcache.core.MODE_RAW:
+                continue  # not an entry nbagent wrote (a pickle): left alone, never read
+            self._rows(_put_many(1), (key, value))
+            self._rows("DELETE FROM Cache WHERE rowid = ?", (rowid,))
+        return files
+
+    def _rebuild_trace(self) -> None:
+        """The trace table without AUTOINCREMENT (its bookkeeping is one more page per row)."""
+        found = self._rows(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'trace'", ()
+        )
+        if not found or "AUTOINCREMENT" not in str(found[0][0]).upper():
+            return
+        cols = ", ".join(("seq", *TRACE_COLUMNS))
+        self._rows(_TRACE_SCHEMA[0].replace(" trace (", " trace_new (", 1), ())
+        self._rows(f"INSERT INTO trace_new ({cols}) SELECT {cols} FROM trace ORDER BY seq", ())
+        self._rows("DROP TABLE trace", ())
+        self._rows("ALTER TABLE trace_new RENAME TO trace", ())
+        self._rows(_TRACE_SCHEMA[1], ())
 
     def _remove_old_trace(self) -> None:
         if (self.path / _OLD_TRACE).exists():
@@ -598,12 +660,7 @@ class Store:
         """The connection (this thread's) to the database holding the trace table."""
         return self._kv._con  # type: ignore[no-any-return]
 
-    # The hot paths (step begin/commit, spend counters) read and write small
-    # rows with one SQL statement each instead of diskcache's get/set/incr
-    # (2-4 statements and its Python around them). The rows are exactly what
-    # diskcache writes for a small str, int or bytes value (raw key, MODE_RAW,
-    # size 0, no file, no expiry), so diskcache reads them back unchanged; any
-    # other row (a value kept in a file, a pickle) goes through diskcache.
+    # Records are read and written with one SQL statement each (see _RECORDS_SCHEMA).
 
     def _rows(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
         """Run one statement and fetch its rows; disk and damage failures are StoreErrors."""
@@ -619,40 +676,21 @@ class Store:
 
     def _raw_many(self, keys: tuple[str, ...]) -> dict[str, Any]:
         """:meth:`_raw` of several keys with one SELECT (missing keys are left out)."""
-        found = {}
-        for key, mode, filename, value in self._rows(_select_raw_many(len(keys)), keys):
-            raw = mode == diskcache.core.MODE_RAW and filename is None
-            found[key] = value if raw else self._kv.get(key)
-        return found
+        return dict(self._rows(_get_many(len(keys)), keys))
 
     def _raw(self, key: str) -> Any:
-        rows = self._rows(_SELECT_RAW, (key,))
-        if not rows:
-            return None
-        mode, filename, value = rows[0]
-        if mode == diskcache.core.MODE_RAW and filename is None:
-            return value
-        return self._kv.get(key)
+        rows = self._rows(_GET, (key,))
+        return rows[0][0] if rows else None
 
-    def _put(self, key: str, value: str | bytes) -> None:
-        if len(value) < self._min_file_size:
-            now = time.time()
-            if self._rows(_UPSERT_RAW, (key, now, now, value)):
-                return
-        self._kv.set(key, value, retry=True)  # large, or replacing a value kept in a file
+    def _put(self, key: str, value: str | bytes | int) -> None:
+        self._rows(_put_many(1), (key, value))
 
     def _put_many(self, items: dict[str, str | bytes]) -> None:
-        """:meth:`_put` of several values with one statement per 200 small ones."""
-        small = [(k, v) for k, v in items.items() if len(v) < self._min_file_size]
-        stored: set[str] = set()
-        now = time.time()
-        for i in range(0, len(small), _UPSERT_BATCH):
-            batch = small[i : i + _UPSERT_BATCH]
-            args = tuple(x for key, value in batch for x in (key, now, now, value))
-            stored.update(key for (key,) in self._rows(_upsert_raw(len(batch)), args))
-        for key, value in items.items():
-            if key not in stored:  # large, or replacing a value kept in a file
-                self._kv.set(key, value, retry=True)
+        """:meth:`_put` of several values with one statement per 500."""
+        pairs = list(items.items())
+        for i in range(0, len(pairs), _UPSERT_BATCH):
+            batch = pairs[i : i + _UPSERT_BATCH]
+            self._rows(_put_many(len(batch)), tuple(x for pair in batch for x in pair))
 
     def _parse_json(self, key: str, raw: Any) -> Any:
         if raw is None:
@@ -718,22 +756,39 @@ class Store:
         return bytes(payload) if type(blob) is bytes and len(payload) < 1 << 20 else payload
 
     def put_blob(self, key: str, payload: bytes) -> None:
-        self._put(f"blob/{key}", self.sign(payload))
+        self._put_signed(f"blob/{key}", self.sign(payload))
+
+    def _put_signed(self, key: str, blob: bytes) -> None:
+        """A signed value: a record when small, else a file of diskcache's.
+
+        A record takes precedence over a file of the same key (see get_blob), so
+        writing a file deletes the record, in one transaction.
+        """
+        if len(blob) < self._min_file_size:
+            self._put(key, blob)
+            return
+        with self.transaction():
+            self._kv.set(key, blob, retry=True)
+            self._rows(_DELETE, (key,))
 
     def get_blob(self, key: str) -> bytes | memoryview | None:
         """Verified payload; None if missing. Raises StoreError if tampered.
 
-        A value kept in a file is read straight into a bytearray (not through
-        diskcache), so a large payload comes back as a writable view of it.
+        A small value is a record; a large one is a file of diskcache's, read
+        straight into a bytearray (not through diskcache), so a large payload
+        comes back as a writable view of it.
         """
-        rows = self._rows(_SELECT_RAW, (f"blob/{key}",))
-        if not rows:
-            return None
-        mode, filename, raw = rows[0]
-        if filename is not None and mode == diskcache.core.MODE_BINARY:
-            raw = self._read_file(filename)
-        elif not (mode == diskcache.core.MODE_RAW and filename is None):
-            raw = self._kv.get(f"blob/{key}")
+        key = f"blob/{key}"
+        raw = self._raw(key)
+        if raw is None:
+            rows = self._rows(_SELECT_FILE, (key,))
+            if not rows:
+                return None
+            mode, filename, raw = rows[0]
+            if filename is not None and mode == diskcache.core.MODE_BINARY:
+                raw = self._read_file(filename)
+            elif not (mode == diskcache.core.MODE_RAW and filename is None):
+                raw = self._kv.get(key)
         payload = self.verify(raw)
         if payload is None:
             raise StoreError(
@@ -773,7 +828,16 @@ class Store:
             raise store_error(e, self.path) from e
 
     def delete_blob(self, key: str) -> None:
-        self._kv.delete(f"blob/{key}")
+        self._rows(_DELETE, (f"blob/{key}",))
+        self._kv.delete(f"blob/{key}", retry=True)
+
+    def _delete_files(self, keys: list[str]) -> None:
+        """Delete diskcache's entries (value files) of these keys; one SELECT when none exist."""
+        for i in range(0, len(keys), _UPSERT_BATCH):
+            batch = tuple(keys[i : i + _UPSERT_BATCH])
+            sql = f"SELECT key FROM Cache WHERE key IN ({', '.join('?' * len(batch))}) AND raw = 1"
+            for (key,) in self._rows(sql, batch):
+                self._kv.delete(key, retry=True)
 
     # -- runs -----------------------------------------------------------------
 
@@ -842,16 +906,14 @@ class Store:
 
     def incr(self, run: str, name: str, delta: int = 1) -> int:
         key = f"ctr/{run}/{name}"
-        rows = self._rows(_INCR_RAW, (delta, time.time(), key))
-        if rows:
-            return int(rows[0][0])
-        try:
-            return int(self._kv.incr(key, delta, default=0, retry=True))  # first increment
-        except (TypeError, ValueError) as e:  # the row is not a number nbagent wrote
+        rows = self._rows(_INCR, (key, delta))
+        if not rows:  # the row is not a number nbagent wrote
             raise StoreError(
-                f"the counter {key!r} in the nbagent store at {self.path} is damaged ({e}); "
-                "it was not used. Move the store aside and start again with a fresh --store folder."
-            ) from e
+                f"the counter {key!r} in the nbagent store at {self.path} is damaged (not an "
+                "integer); it was not used. Move the store aside and start again with a fresh "
+                "--store folder."
+            )
+        return int(rows[0][0])
 
     def drop_run(self, run: str) -> int:
         """Delete a run and everything kept for it (steps, values, counters, ledger, trace).
@@ -861,13 +923,18 @@ class Store:
         """
         steps = len(self.step_ids(run))
         prefixes = tuple(f"{kind}/{run}/" for kind in _RUN_KINDS)
-        doomed = [
+        exact = (f"run/{run}", f"dbos/{run}", f"resv/{run}")
+        files = [  # large values
             k
             for k in self._kv.iterkeys()
-            if isinstance(k, str) and (k in (f"run/{run}", f"dbos/{run}") or k.startswith(prefixes))
+            if isinstance(k, str) and (k in exact or k.startswith(prefixes))
         ]
         with self.transaction():
-            for key in doomed:
+            for prefix in prefixes:
+                self._rows(_DELETE_RANGE, _range(prefix))
+            for key in exact:
+                self._rows(_DELETE, (key,))
+            for key in files:
                 self._kv.delete(key)
             self._set_json("runs", [r for r in self.runs() if r != run])
         self.delete_trace(run)
@@ -881,14 +948,15 @@ class Store:
     def step_ids(self, run: str) -> list[str]:
         """Completed steps of a run, in the order they were first committed.
 
-        One range query over diskcache's (key, raw) index on the ``step/RUN/``
-        keys, ordered by rowid: a record is updated in place (its rowid kept)
-        when a step is committed again, and gets a new, larger rowid only when
-        it is written after being dropped, so rowid order is first-commit order
-        (format 1 also kept an ordinal index, ``stepidx/RUN/N``; it agrees).
+        One range query over the records' key index on the ``step/RUN/`` keys,
+        ordered by rowid: a record is updated in place (its rowid kept) when a
+        step is committed again, and gets a new, larger rowid only when it is
+        written after being dropped, so rowid order is first-commit order (the
+        upgrade to format 4 moved the records in diskcache's rowid order, which
+        had the same meaning; format 1 also kept an index, ``stepidx/RUN/N``).
         """
         prefix = f"step/{run}/"
-        rows = self._rows(_STEP_KEYS, (prefix, f"step/{run}0"))  # "0" sorts right after "/"
+        rows = self._rows(_RANGE_KEYS, _range(prefix))
         return [key[len(prefix) :] for (key,) in rows]
 
     def commit_step(
@@ -913,15 +981,26 @@ class Store:
         transaction), for a step :meth:`begin_step` did not count.
         """
         rows: dict[str, str | bytes] = {}
+        files: dict[str, bytes | None] = {}  # values kept in files (None: written already)
         for name, payload in blobs.items():
+            key = f"blob/{run}/{step_id}/{name}"
             if len(payload) > _INLINE_BLOB:
-                self.put_blob(f"{run}/{step_id}/{name}", payload)
+                self._kv.set(key, self.sign(payload), retry=True)
+                files[key] = None
             else:
-                rows[f"blob/{run}/{step_id}/{name}"] = self.sign(payload)
+                blob = self.sign(payload)
+                if len(blob) < self._min_file_size:
+                    rows[key] = blob
+                else:
+                    files[key] = blob
         rows[f"step/{run}/{step_id}"] = _to_json(record)
         with self.transaction():
             old = (self.get_step(run, step_id) if previous is UNREAD else previous) or {}
-            self._put_many(rows)  # the values and the record: one statement
+            self._put_many(rows)  # the small values and the record: one statement
+            for key, value in files.items():
+                if value is not None:
+                    self._kv.set(key, value, retry=True)
+                self._rows(_DELETE, (key,))  # an older, small value would hide the file
             if trace is not None:
                 self.add_trace(trace)
             elif self._deferred:
@@ -929,8 +1008,11 @@ class Store:
             if count:
                 self.incr(run, "steps")
         self.release_lock(run, step_id)  # after the commit: the next holder sees the record
-        for name in set(old.get("saved", [])) - set(blobs):
+        saved_before = old.get("saved", [])
+        for name in set(saved_before) - set(blobs):
             self.delete_blob(f"{run}/{step_id}/{name}")
+        if saved_before:  # files of older values now kept as records
+            self._delete_files([k for k in rows if k.startswith("blob/")])
 
     def drop_step(self, run: str, step_id: str) -> bool:
         try:
@@ -938,9 +1020,9 @@ class Store:
         except StoreError:  # a damaged record: dropping it is the fix
             record = {"damaged": True}
         with self.transaction():
-            self._kv.delete(f"step/{run}/{step_id}")
+            self._rows(_DELETE, (f"step/{run}/{step_id}",))
             if record and record.get("ordinal") is not None:  # format 1's index
-                self._kv.delete(f"stepidx/{run}/{record['ordinal']}")
+                self._rows(_DELETE, (f"stepidx/{run}/{record['ordinal']}",))
         for name in (record or {}).get("saved", []):
             self.delete_blob(f"{run}/{step_id}/{name}")
         return record is not None
@@ -1032,13 +1114,13 @@ class Store:
 
     def add_record(self, kind: str, key: str, value: Any) -> bool:
         """Store a record unless one exists; True when this call stored it."""
-        return bool(self._kv.add(f"{kind}/{key}", json.dumps(value, default=str), retry=True))
+        return bool(self._rows(_ADD, (f"{kind}/{key}", _to_json(value))))
 
     def set_record(self, kind: str, key: str, value: Any) -> None:
         self._set_json(f"{kind}/{key}", value)
 
     def delete_record(self, kind: str, key: str) -> None:
-        self._kv.delete(f"{kind}/{key}", retry=True)
+        self._rows(_DELETE, (f"{kind}/{key}",))
 
     # -- trace ----------------------------------------------------------------
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import pytest
+
 from nbagent._engine import MARK, NamespaceSnapshot, NamespaceWatch, names_to_store, user_globals
+from nbagent._errors import StoreError
 
 
 def _both(
@@ -89,27 +93,39 @@ def test_snapshot_matches_user_globals_across_many_cells() -> None:
             _both(space, lambda space: churn(space, rnd.randrange(4)), some, {}, w)
 
 
-def test_raw_rows_are_diskcache_rows(tmp_path: Any) -> None:
-    """Values written by the store's one-statement paths read back through diskcache itself."""
+def test_records_round_trip_and_values_move_between_rows_and_files(tmp_path: Any) -> None:
+    """Records of any size are rows; a value blob is a row when small, a file when large,
+    and the stale one of the two never shows nor stays."""
     from nbagent._store import Store
 
     st = Store(tmp_path / "s")
     kv = st._kv
     st._set_json("k/small", {"a": 1})
-    assert kv.get("k/small") == '{"a": 1}'
+    assert st._get_json("k/small") == {"a": 1}
     big = "x" * (st._min_file_size + 10)
-    st._put("k/file", big)  # too big for a row: diskcache keeps it in a file
-    assert kv.get("k/file") == big and st._raw("k/file") == big
-    files = {p for p in (tmp_path / "s").rglob("*.val")}
-    assert files
-    st._put("k/file", "small again")  # replaces the file (removed by diskcache)
-    assert kv.get("k/file") == "small again"
-    assert not any(p.exists() for p in files)
+    st._put("k/big", big)  # a record of any size is a row
+    assert st._raw("k/big") == big and not list((tmp_path / "s").rglob("*.val"))
     st._put("k/bytes", b"\x00\x01")
-    assert kv.get("k/bytes") == b"\x00\x01"
+    assert st._raw("k/bytes") == b"\x00\x01"
     assert [st.incr("r", "n") for _ in range(3)] == [1, 2, 3]
-    assert kv.get("ctr/r/n") == 3 and st.counter("r", "n") == 3
-    assert st.incr("r", "n", -3) == 0
+    assert st.counter("r", "n") == 3 and st.incr("r", "n", -3) == 0
+    st._put("ctr/r/bad", "not a number")
+    with pytest.raises(StoreError, match="damaged"):
+        st.incr("r", "bad")
+    assert st._raw("ctr/r/bad") == "not a number"  # left as it was
+
+    large = os.urandom(st._min_file_size)  # signed: past the row limit, so a file
+    st.commit_step("r", "a#1", {"saved": ["v"]}, {"v": large}, previous=None)
+    assert st.get_blob("r/a#1/v") == large and list((tmp_path / "s").rglob("*.val"))
+    st.commit_step("r", "a#1", {"saved": ["v"]}, {"v": b"small"}, previous={"saved": ["v"]})
+    assert st.get_blob("r/a#1/v") == b"small"
+    assert not list((tmp_path / "s").rglob("*.val"))  # the older file is gone
+    st.commit_step("r", "a#1", {"saved": ["v"]}, {"v": large}, previous={"saved": ["v"]})
+    assert st.get_blob("r/a#1/v") == large  # the older row does not hide the file
+    assert st._raw("blob/r/a#1/v") is None
+    st.commit_step("r", "a#1", {"saved": []}, {}, previous={"saved": ["v"]})
+    assert st.get_blob("r/a#1/v") is None and not list((tmp_path / "s").rglob("*.val"))
+
     count = len(kv)
     st.acquire_lock("r", "s#1")
     assert len(kv) == count  # a file lock: no row

@@ -388,7 +388,7 @@ def test_tampered_value_is_never_loaded_on_replay(ip: Any, log: list[str], tmp_p
     ok(ip, source)
     boom = tmp_path / "boom"
     bomb = pickle.dumps(_Bomb(boom))
-    _store.open_store()._kv.set("blob/default/plan#1/plan", bomb)
+    _store.open_store()._put("blob/default/plan#1/plan", bomb)
     restart(ip, "plan")
     result = cell(ip, source)
     assert isinstance(result.error_in_exec, StoreError)

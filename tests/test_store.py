@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import sqlite3
@@ -20,8 +21,16 @@ from nbagent._store import FORMAT_VERSION, TRACE_COLUMNS, Store, open_store
 
 
 def _kv_snapshot(path: Path) -> dict[str, object]:
+    """Every entry of a store: diskcache's and (format 4) the records table's."""
     with diskcache.Cache(str(path)) as c:
-        return {k: c.get(k) for k in c.iterkeys()}
+        found = {k: c.get(k) for k in c.iterkeys()}
+    db = sqlite3.connect(path / "cache.db")
+    try:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'records'").fetchall():
+            found.update(db.execute("SELECT key, value FROM records").fetchall())
+    finally:
+        db.close()
+    return found
 
 
 # -- format -------------------------------------------------------------------------
@@ -59,11 +68,20 @@ def make_format_1_store(path: Path) -> None:
             c.set(f"stepidx/r/{n}", step)
         c.set("ctr/r/step_seq", 3)
         c.set("lock/r/z#1", '{"pid": 1, "host": "h", "since": 0}')
-    db = sqlite3.connect(path / "trace.sqlite3")
-    db.execute("PRAGMA journal_mode=WAL")
     cols = ", ".join(TRACE_COLUMNS)
-    db.execute(f"CREATE TABLE trace (seq INTEGER PRIMARY KEY AUTOINCREMENT, {cols})")
-    for seq in (3, 7):  # gaps: rows were deleted
+    write_old_trace(
+        path / "trace.sqlite3",
+        f"CREATE TABLE trace (seq INTEGER PRIMARY KEY AUTOINCREMENT, {cols})",
+        (3, 7),
+    )
+
+
+def write_old_trace(db_path: Path, create: str, seqs: tuple[int, ...]) -> None:
+    """A trace table as an older format made it, with rows at ``seqs`` (gaps: rows deleted)."""
+    db = sqlite3.connect(db_path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(create)
+    for seq in seqs:
         db.execute(
             "INSERT INTO trace (seq, ts, run, kind, status) VALUES (?, ?, 'r', 'step', 'done')",
             (seq, float(seq)),
@@ -95,6 +113,77 @@ def test_store_of_format_1_is_read_and_upgraded(tmp_path: Path) -> None:
     assert store.step_ids("r") == ["a#1", "c#1", "d#1", "b#1"]  # committed again: last
     store.drop_run("r")
     assert not [k for k in _kv_snapshot(path) if "/r/" in str(k)]
+
+
+_FORMAT_3_TRACE = """CREATE TABLE trace (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL, run TEXT NOT NULL, step TEXT, kind TEXT NOT NULL, name TEXT,
+    attempt INTEGER, status TEXT, error TEXT, wait_s REAL, model TEXT,
+    input_tokens INTEGER, cached_tokens INTEGER, output_tokens INTEGER,
+    reasoning_tokens INTEGER, cost_usd REAL, latency_s REAL, idempotency_key TEXT,
+    replayed INTEGER, price_known INTEGER, request TEXT, response TEXT, detail TEXT
+)"""
+
+
+def make_format_3_store(path: Path) -> dict[str, object]:
+    """A store as format 3 wrote it: every entry in diskcache's table (large ones in
+    files), value blobs signed with keyed BLAKE3, the trace with AUTOINCREMENT."""
+    import blake3
+
+    key = bytes(range(32))
+    keys = Path(os.environ["NBAGENT_KEY_DIR"])
+    keys.mkdir(parents=True, exist_ok=True)
+    (keys / "format3.key").write_bytes(key)
+
+    def sign(payload: bytes) -> bytes:
+        return b"NBA2" + bytes(12) + blake3.blake3(payload, key=key).digest() + payload
+
+    small, big = pickle.dumps([1, 2]), pickle.dumps(os.urandom(40_000))
+    ledger = {"response": "r" * 50_000}  # larger than a row: diskcache kept it in a file
+    with diskcache.Cache(str(path), eviction_policy="none", size_limit=2**62) as c:
+        c.set("meta/format", 3)
+        c.set("meta/id", "format3")
+        c.set("run/r", '{"name": "r", "caps": {}}')
+        c.set("runs", '["r"]')
+        for step in ("b#1", "a#1"):
+            c.set(f"step/r/{step}", f'{{"name": "{step[0]}", "saved": ["x"]}}')
+        c.set("blob/r/b#1/x", sign(small))
+        c.set("blob/r/a#1/x", sign(big))
+        c.set("llm/r/k1", json.dumps(ledger))
+        c.set("ctr/r/steps", 2)
+    write_old_trace(path / "cache.db", _FORMAT_3_TRACE, (5, 9))
+    return {"small": [1, 2], "big": pickle.loads(big), "ledger": ledger}
+
+
+def test_store_of_format_3_is_upgraded_with_nothing_lost(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    expected = make_format_3_store(path)
+    assert len(list(path.rglob("*.val"))) == 2  # the big blob and the ledger record
+    store = Store(path)
+    assert _kv_snapshot(path)["meta/format"] == FORMAT_VERSION
+    assert store.step_ids("r") == ["b#1", "a#1"]  # first-commit order kept
+    assert pickle.loads(store.get_blob("r/b#1/x")) == expected["small"]
+    assert pickle.loads(store.get_blob("r/a#1/x")) == expected["big"]
+    assert store.get_record("llm", "r/k1") == expected["ledger"]
+    assert store.runs() == ["r"] and store.counter("r", "steps") == 2
+    with diskcache.Cache(str(path)) as c:  # diskcache keeps the identity and the large value
+        assert sorted(c.iterkeys()) == ["blob/r/a#1/x", "meta/format", "meta/id"]
+    assert len(list(path.rglob("*.val"))) == 1  # the ledger's file went with its move
+    db = sqlite3.connect(path / "cache.db")
+    (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'trace'").fetchone()
+    db.close()
+    assert "AUTOINCREMENT" not in sql.upper()
+    cols, rows = store.trace_rows("r")
+    assert [(r[0], r[1]) for r in rows] == [(5, 5.0), (9, 9.0)]  # seq kept
+    store.add_trace({"run": "r", "kind": "step"})
+    assert store.trace_rows("r", since_seq=9)[1][0][0] == 10
+    store.close()
+    again = Store(path)  # opened again: nothing moves twice
+    assert again.step_ids("r") == ["b#1", "a#1"] and len(again.trace_rows("r")[1]) == 3
+    assert again.incr("r", "steps") == 3
+    again.drop_run("r")
+    assert not [k for k in _kv_snapshot(path) if "/r/" in str(k) or k == "run/r"]
+    assert not list(path.rglob("*.val"))
 
 
 def test_store_format_error_is_a_store_error() -> None:
@@ -177,7 +266,7 @@ def test_blobs_round_trip_and_are_signed(tmp_path: Path) -> None:
     store.put_blob("r/a#1/x", b"payload")
     assert store.get_blob("r/a#1/x") == b"payload"
     assert store.get_blob("r/a#1/missing") is None
-    raw = store._kv.get("blob/r/a#1/x")
+    raw = store._raw("blob/r/a#1/x")  # a small value: a record
     assert raw != b"payload" and raw.endswith(b"payload")  # magic + signature in front
 
 
@@ -216,9 +305,9 @@ def test_blobs_of_format_2_are_still_read(tmp_path: Path) -> None:
     store = Store(tmp_path / "s")
     payload = pickle.dumps({"x": 1}, protocol=5)
     old = b"NBA1" + hmac.digest(store._key, payload, "sha256") + payload
-    store._kv.set("blob/r/a#1/x", old)
+    store._put("blob/r/a#1/x", old)
     assert pickle.loads(store.get_blob("r/a#1/x")) == {"x": 1}
-    store._kv.set("blob/r/a#1/x", old[:-3] + bytes([old[-3] ^ 1]) + old[-2:])  # tampered
+    store._put("blob/r/a#1/x", old[:-3] + bytes([old[-3] ^ 1]) + old[-2:])  # tampered
     with pytest.raises(StoreError, match="not signed"):
         store.get_blob("r/a#1/x")
 
@@ -244,10 +333,15 @@ def test_tampered_large_blob_in_a_file_is_refused(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_tampered_blob_is_never_unpickled(tmp_path: Path, forge) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("where", ["records", "diskcache"])
+def test_tampered_blob_is_never_unpickled(tmp_path: Path, forge, where: str) -> None:  # type: ignore[no-untyped-def]
     store = Store(tmp_path / "s")
     boom = tmp_path / "boom"
-    store._kv.set("blob/r/a#1/x", forge(pickle.dumps(_Bomb(boom)), store))
+    planted = forge(pickle.dumps(_Bomb(boom)), store)
+    if where == "records":
+        store._put("blob/r/a#1/x", planted)
+    else:  # where large values (and format 3's small ones) are kept
+        store._kv.set("blob/r/a#1/x", planted)
     with pytest.raises(StoreError, match="not signed"):
         store.get_blob("r/a#1/x")
     assert not boom.exists()
@@ -275,7 +369,7 @@ def test_tampered_blob_fails_a_replay_without_running_it(tmp_path: Path) -> None
 
     assert make() == [1, 2, 3]
     boom = tmp_path / "boom"
-    run.store._kv.set("blob/r/make#1/(return)", pickle.dumps(_Bomb(boom)))
+    run.store._put("blob/r/make#1/(return)", pickle.dumps(_Bomb(boom)))
     again = nbagent.Run("r", store=tmp_path / "s")
     make2 = again.step("make")(make.__wrapped__)
     with pytest.raises(StoreError, match="--rerun"):

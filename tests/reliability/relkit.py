@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -243,13 +244,25 @@ class World:
 
     # -- what the store says (read without nbagent's caches: plain diskcache)
     def snapshot(self) -> dict[str, Any]:
-        with diskcache.Cache(str(self.store)) as c:
-            keys = list(c.iterkeys())
-            return {
-                "spend": int(c.get("ctr/agent/spend_nusd", 0)),
-                "reserved": int(c.get("ctr/agent/reserved_nusd", 0)),
-                "done": sorted(k.split("/", 2)[2] for k in keys if k.startswith("step/agent/")),
-            }
+        with diskcache.Cache(str(self.store)):  # opens (and checks) the database
+            pass
+        rows = dict(records(self.store))
+        return {
+            "spend": int(rows.get("ctr/agent/spend_nusd", 0)),
+            "reserved": int(rows.get("ctr/agent/reserved_nusd", 0)),
+            "done": sorted(k.split("/", 2)[2] for k in rows if k.startswith("step/agent/")),
+        }
+
+
+def records(store: Path) -> list[tuple[str, Any]]:
+    """The rows of the store's ``records`` table (format 4), read with sqlite3 alone."""
+    con = sqlite3.connect(store / "cache.db")
+    try:
+        if not con.execute("SELECT 1 FROM sqlite_master WHERE name = 'records'").fetchall():
+            return []
+        return con.execute("SELECT key, value FROM records").fetchall()
+    finally:
+        con.close()
 
 
 def run_script(world: World, script: Path, kill: str = "", cap: float = CAP_USD) -> Any:

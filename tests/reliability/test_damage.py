@@ -21,6 +21,7 @@ import diskcache
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from relkit import records
 
 import nbagent
 from nbagent import _store
@@ -83,7 +84,9 @@ def run_all(store: Path) -> tuple[dict[str, Any], list[str]]:
 
 def kv_rows(store: Path) -> dict[str, Any]:
     with diskcache.Cache(str(store)) as c:
-        return {k: c.get(k) for k in c.iterkeys() if not str(k).startswith("lock/")}
+        found = {k: c.get(k) for k in c.iterkeys()}
+    found.update(records(store))
+    return {k: v for k, v in found.items() if not str(k).startswith("lock/")}
 
 
 def value_files(store: Path) -> list[str]:
@@ -137,8 +140,8 @@ def test_deleted_value_file_is_a_clear_error(store: Path) -> None:
 def test_lost_effect_outcome_is_an_error_not_a_silent_none(store: Path) -> None:
     """Regression: a done effect whose outcome blob was gone replayed as None."""
     con = sqlite3.connect(store / "cache.db")
-    con.execute("DELETE FROM Cache WHERE key LIKE 'blob/r/(effects)/%'")
-    con.execute("DELETE FROM Cache WHERE key LIKE 'step/r/effect#%'")  # the step runs again
+    con.execute("DELETE FROM records WHERE key LIKE 'blob/r/(effects)/%'")
+    con.execute("DELETE FROM records WHERE key LIKE 'step/r/effect#%'")  # the step runs again
     con.commit()
     con.close()
     with pytest.raises(StoreError) as err:
@@ -157,15 +160,14 @@ def test_lost_effect_outcome_is_an_error_not_a_silent_none(store: Path) -> None:
     ],
 )
 def test_damaged_record_is_a_clear_error(store: Path, key: str, text: str) -> None:
-    with diskcache.Cache(str(store)) as c:
-        assert c.get(key) is not None, key
+    assert key in dict(records(store)), key
     con = sqlite3.connect(store / "cache.db")
-    con.execute("UPDATE Cache SET value = ? WHERE key = ?", (text, key))
+    con.execute("UPDATE records SET value = ? WHERE key = ?", (text, key))
     con.commit()
     con.close()
     if key.startswith("effect/"):  # read when the step executes again
         con = sqlite3.connect(store / "cache.db")
-        con.execute("DELETE FROM Cache WHERE key = 'step/r/effect#1'")
+        con.execute("DELETE FROM records WHERE key = 'step/r/effect#1'")
         con.commit()
         con.close()
     with pytest.raises(StoreError) as err:
@@ -176,7 +178,7 @@ def test_damaged_record_is_a_clear_error(store: Path, key: str, text: str) -> No
 
 def test_damaged_step_record_can_be_reset(store: Path) -> None:
     con = sqlite3.connect(store / "cache.db")
-    con.execute("UPDATE Cache SET value = '{broken' WHERE key = 'step/r/small#1'")
+    con.execute("UPDATE records SET value = '{broken' WHERE key = 'step/r/small#1'")
     con.commit()
     con.close()
     run, _ = program(store)

@@ -16,7 +16,7 @@ from typing import Any
 
 import diskcache
 import pytest
-from relkit import SCRIPT, SECRET_KEY, World, run_script
+from relkit import SCRIPT, SECRET_KEY, World, records, run_script
 
 import nbagent
 from nbagent import _store
@@ -83,8 +83,10 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def all_keys(store: Path) -> list[str]:
+    """Every key of the store: diskcache's (identity, large values) and the records'."""
     with diskcache.Cache(str(store)) as c:
-        return sorted(str(k) for k in c.iterkeys())
+        keys = {str(k) for k in c.iterkeys()}
+    return sorted(keys | {k for k, _ in records(store)})
 
 
 def test_seeded_store_has_every_kind_of_key(seeded: Path) -> None:
@@ -122,11 +124,10 @@ def test_a_raw_pickle_row_in_cache_db_never_runs(seeded: Path, tmp_path: Path) -
     shutil.copytree(seeded / "store", store)
     boom = tmp_path / "boom"
     con = sqlite3.connect(store / "cache.db")
-    for key in ("step/r/a#1", "blob/r/a#1/(return)", "meta/format", "run/r"):
-        con.execute(
-            "UPDATE Cache SET mode = 4, value = ? WHERE key = ?",
-            (sqlite3.Binary(pickle.dumps(Bomb(str(boom)))), key),
-        )
+    bomb = sqlite3.Binary(pickle.dumps(Bomb(str(boom))))
+    con.execute("UPDATE Cache SET mode = 4, value = ? WHERE key = 'meta/format'", (bomb,))
+    for key in ("step/r/a#1", "blob/r/a#1/(return)", "run/r"):  # records hold no pickles
+        con.execute("UPDATE records SET value = ? WHERE key = ?", (bomb, key))
     con.commit()
     con.close()
     os.environ["NBAGENT_KEY_DIR"] = str(seeded / "keys")
@@ -136,13 +137,25 @@ def test_a_raw_pickle_row_in_cache_db_never_runs(seeded: Path, tmp_path: Path) -
     assert not boom.exists()
 
 
-def test_an_unsigned_pickle_blob_never_runs(seeded: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["records", "diskcache"])
+def test_an_unsigned_pickle_blob_never_runs(seeded: Path, tmp_path: Path, where: str) -> None:
     store = tmp_path / "s"
     shutil.copytree(seeded / "store", store)
     boom = tmp_path / "boom"
-    payload = _store._BLOB_MAGIC + b"\0" * 32 + pickle.dumps(Bomb(str(boom)))
-    with diskcache.Cache(str(store)) as other:
-        other.set("blob/r/a#1/(return)", payload)  # bytes: stored raw, no diskcache pickle
+    payload = _store._BLOB_MAGIC + b"\0" * 44 + pickle.dumps(Bomb(str(boom)))
+    con = sqlite3.connect(store / "cache.db")
+    if where == "records":
+        con.execute(  # a record is read before a file of the same key
+            "INSERT OR REPLACE INTO records (key, value) VALUES ('blob/r/a#1/(return)', ?)",
+            (payload,),
+        )
+    else:  # where large values are kept (read when no record has the key)
+        con.execute("DELETE FROM records WHERE key = 'blob/r/a#1/(return)'")
+    con.commit()
+    con.close()
+    if where == "diskcache":
+        with diskcache.Cache(str(store)) as other:
+            other.set("blob/r/a#1/(return)", payload)  # bytes: stored raw, no diskcache pickle
     os.environ["NBAGENT_KEY_DIR"] = str(seeded / "keys")
     with pytest.raises(StoreError, match="not signed"):
         program(store, fail=False)
