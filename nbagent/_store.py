@@ -53,6 +53,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -519,6 +520,8 @@ class Store:
                 "Move it aside and start again with a fresh --store folder."
             ) from e
         self._checkpointer = _Checkpointer(self)
+        self._tls = threading.local()  # this thread's connection (see _rows)
+        _all_stores.add(self)
         self._check_format()
         self.id: str = self._kv.get("meta/id") or ""
         if not self.id:
@@ -663,9 +666,18 @@ class Store:
     # Records are read and written with one SQL statement each (see _RECORDS_SCHEMA).
 
     def _rows(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
-        """Run one statement and fetch its rows; disk and damage failures are StoreErrors."""
+        """Run one statement and fetch its rows; disk and damage failures are StoreErrors.
+
+        The connection is diskcache's for this thread, kept here: diskcache's
+        ``_con`` asks the OS for the process id on every statement (to notice a
+        fork), six system calls per step; a fork clears this (_forget_connections).
+        """
         try:
-            return self._kv._con.execute(sql, args).fetchall()  # type: ignore[no-any-return]
+            con = self._tls.con
+        except AttributeError:
+            con = self._tls.con = self._kv._con
+        try:
+            return con.execute(sql, args).fetchall()  # type: ignore[no-any-return]
         except sqlite3.DatabaseError as e:  # as _Cache._sql (fetchall() can raise them too)
             low = str(e).lower()  # e.g. "Could not decode to UTF-8", "database or disk is full"
             if type(e) is sqlite3.DatabaseError or any(
@@ -1189,6 +1201,7 @@ class Store:
                 self._flush_trace()
         self._checkpointer.stop()
         self._kv.close()
+        self._tls = threading.local()
 
 
 #: stores holding deferred trace rows; written when the process exits
@@ -1201,6 +1214,18 @@ def _flush_deferred_traces() -> None:
         with contextlib.suppress(Exception):
             store._flush_trace()
 
+
+#: every Store of this process, for _forget_connections
+_all_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _forget_connections() -> None:
+    """In a forked child: connections are the parent's; diskcache opens new ones."""
+    for store in list(_all_stores):
+        store._tls = threading.local()
+
+
+os.register_at_fork(after_in_child=_forget_connections)
 
 _open_stores: dict[Path, Store] = {}
 _open_lock = threading.Lock()

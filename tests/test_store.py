@@ -703,3 +703,23 @@ def test_replay_trace_rows_are_deferred_but_read_and_committed_in_order(tmp_path
     assert child.returncode == 0
     cols, rows = Store(path).trace_rows("r")
     assert [r[cols.index("status")] for r in rows].count("replayed") == 3  # written at exit
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_opens_connections_of_its_own(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    assert store.incr("r", "n") == 1
+    parent_con = store._tls.con
+    pid = os.fork()
+    if pid == 0:  # the child: never the parent's SQLite connection
+        code = 1
+        try:
+            fresh = getattr(store._tls, "con", None) is None
+            code = (
+                0 if fresh and store.incr("r", "n") == 2 and store._tls.con is not parent_con else 1
+            )
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.incr("r", "n") == 3 and store._tls.con is parent_con
