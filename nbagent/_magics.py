@@ -245,6 +245,21 @@ def _call(attr: str) -> ast.Expr:
     return ast.Expr(call, **_HEADER_LINE)
 
 
+def _one_node(body: list[ast.stmt]) -> list[ast.stmt]:
+    """The statements as one ``if True:`` block on the header line: IPython compiles and
+    runs each top-level statement of a cell on its own (a compile, an ``exec`` and their
+    bookkeeping each); the step's body and its commit are one. ``from __future__`` must
+    stay a top-level statement: such a body is left as it is."""
+    if any(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in body):
+        return body
+    last = max((getattr(n, "end_lineno", None) or 1 for n in body), default=1)
+    test = ast.Constant(value=True)
+    block = ast.If(test=test, body=body, orelse=[], **_HEADER_LINE)
+    for node, end in ((test, 1), (block, last)):
+        node.lineno, node.col_offset, node.end_lineno, node.end_col_offset = 1, 0, end, 0
+    return [block]
+
+
 class _Pending:
     """What the extension knows about the step cell that is running now."""
 
@@ -388,12 +403,12 @@ class NbagentExtension:
         # explicitly (a trailing `;` still hides it, as in IPython).
         show_last = not text.rstrip().endswith(";")
         if args.retries or args.timeout:
-            body = [*self._wrap_attempts(body, show_last), _call("_commit_in_cell")]
+            body = _one_node([*self._wrap_attempts(body, show_last), _call("_commit_in_cell")])
         else:
             ex.attempts = 1
             ex.context.new_attempt(1)
             _engine_set_notebook_step(ex)
-            body = [*_show_last(body, show_last), _call("_commit_in_cell")]
+            body = _one_node([*_show_last(body, show_last), _call("_commit_in_cell")])
         if self.watch is None or self.watch.namespace is not ns:
             self.watch = NamespaceWatch(ns)
         pending.before = self.watch.snapshot()  # last: what the body binds is what changes
