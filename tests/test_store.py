@@ -287,16 +287,20 @@ def test_large_arrays_come_back_equal_writable_and_aligned(tmp_path: Path) -> No
     arr = np.arange(3 << 18, dtype=np.float64).reshape(-1, 4)  # 6 MB: kept in a file
     frame = pd.DataFrame({"a": np.arange(1000), "b": np.linspace(0, 1, 1000), "c": ["x"] * 1000})
     fortran = np.asfortranarray(np.arange(12.0).reshape(3, 4))
-    for name, value in (("arr", arr), ("frame", frame), ("small", np.arange(5)), ("f", fortran)):
+    mid = np.arange(12_000, dtype=np.float64)  # 96 KB: a file read whole, not mapped
+    values = {"arr": arr, "frame": frame, "small": np.arange(5), "f": fortran, "mid": mid}
+    for name, value in values.items():
         store.put_blob(f"r/a#1/{name}", dumps_value(value))
-    back = {n: loads_value(store.get_blob(f"r/a#1/{n}")) for n in ("arr", "frame", "small", "f")}
+    back = {n: loads_value(store.get_blob(f"r/a#1/{n}")) for n in values}
     assert np.array_equal(back["arr"], arr) and back["arr"].flags.aligned
+    assert np.array_equal(back["mid"], mid) and back["mid"].flags.aligned
     assert back["frame"].equals(frame) and np.array_equal(back["f"], fortran)
-    for a in (back["arr"], back["small"], back["f"]):
+    for a in (back["arr"], back["small"], back["f"], back["mid"]):
         assert a.flags.writeable
         a[0] = 7  # the user's code may change a restored value in place
     back["frame"].loc[0, "b"] = 9.0
-    assert loads_value(store.get_blob("r/a#1/small"))[0] == 0  # the store is not changed
+    for name in ("small", "mid", "arr"):  # the store is not changed
+        assert loads_value(store.get_blob(f"r/a#1/{name}")).flat[0] == 0
 
 
 def test_blobs_of_format_2_are_still_read(tmp_path: Path) -> None:
