@@ -331,8 +331,9 @@ def report_steps(
         f"{n} steps {(s['mean_first'] - s['mean_plain']) * MS:+.3f} ms" for n, s in steps.items()
     )
     note += (
-        f" Mean step overhead (first run): {means} — the mean includes SQLite's write-ahead-log "
-        "checkpoints, which run inside whichever commit crosses ~1,000 pages (a step writes ~8)."
+        f" Mean step overhead (first run): {means} — the mean includes the garbage collector "
+        "and the store's write-ahead-log checkpoints (on a thread of their own, every 64 "
+        "commits; a step commit writes ~5 pages)."
     )
     if isinstance(db, str):
         note += f" DBOS failed: {db}."
