@@ -141,11 +141,17 @@ _run_opened_hooks: list[Callable[[Run], None]] = []
 
 
 def _owner_key() -> str:
-    """This process, as the owner of reservations: host|pid|start time."""
-    from ._store import _me
+    """This process, as the owner of reservations: host|pid|start time (kept per process)."""
+    if not _owner:
+        from ._store import _me
 
-    me = _me()
-    return f"{me['host']}|{me['pid']}|{me['pstart'] or ''}"
+        me = _me()
+        _owner.append(f"{me['host']}|{me['pid']}|{me['pstart'] or ''}")
+    return _owner[0]
+
+
+_owner: list[str] = []  # _owner_key's, forgotten in a forked child
+os.register_at_fork(after_in_child=_owner.clear)
 
 
 def on_run_opened(hook: Callable[[Run], None]) -> Callable[[], None]:
@@ -487,9 +493,11 @@ class Run:
                 )
                 cap_name = "max_cost_usd"
             if refusal is None:
-                store.incr(self.name, "reserved_nusd", worst)
-                self.last_call_number = store.incr(self.name, "llm_calls", 1)
-                self._own_reservation(worst)
+                counts = store.incr_many(
+                    self.name,
+                    {"reserved_nusd": worst, "llm_calls": 1, self._owner_counter(): worst},
+                )
+                self.last_call_number = counts["llm_calls"]
         if refusal is not None:
             self.record_event(
                 kind="cap",
@@ -520,23 +528,29 @@ class Run:
         """
         actual = max(0, math.ceil(actual_usd * NANO))
         with self.store.transaction():
-            self.store.incr(self.name, "reserved_nusd", -reservation)
-            self._own_reservation(-reservation)
-            spent = self.store.incr(self.name, "spend_nusd", actual)
-        return spent / NANO
+            counts = self.store.incr_many(
+                self.name,
+                {
+                    "reserved_nusd": -reservation,
+                    self._owner_counter(): -reservation,
+                    "spend_nusd": actual,
+                },
+            )
+        return counts["spend_nusd"] / NANO
 
     # Reservations are also counted per process, so that the reservation of a call
     # in flight when its process was killed can be given back: it was never settled.
 
-    def _own_reservation(self, delta: int) -> None:
-        """Count ``delta`` against this process's reservations (inside a transaction)."""
+    def _owner_counter(self) -> str:
+        """The counter of this process's reservations, ``resv:OWNER`` (inside a transaction:
+        the first time, the process is added to the run's owners)."""
         owner = _owner_key()
         if self._owner_known != owner:
             owners = self.store.get_record("resv", self.name) or []
             if owner not in owners:
                 self.store.set_record("resv", self.name, [*owners, owner])
             self._owner_known = owner
-        self.store.incr(self.name, f"resv:{owner}", delta)
+        return f"resv:{owner}"
 
     def reclaim_reservations(self) -> float:
         """Settle the reservations of processes that died mid-call at their worst case.

@@ -411,6 +411,20 @@ class PgStore(Store):
             ).fetchone()
         return int(row[0])
 
+    def incr_many(self, run: str, deltas: dict[str, int]) -> dict[str, int]:
+        """:meth:`incr` of several counters in one statement; their new values."""
+        keys = {f"{run}/{name}": name for name in deltas}
+        values = ", ".join(["(%s, %s)"] * len(keys))
+        args = [x for key, name in keys.items() for x in (key, int(deltas[name]))]
+        with self._writing() as conn:
+            rows = conn.execute(
+                f"INSERT INTO {self._t['counters']} AS c (key, value) VALUES {values} "
+                "ON CONFLICT (key) DO UPDATE SET value = c.value + EXCLUDED.value "
+                "RETURNING key, value",
+                args,
+            ).fetchall()
+        return {keys[key]: int(value) for key, value in rows}
+
     # -- steps -----------------------------------------------------------------------
 
     def get_step(self, run: str, step_id: str) -> dict[str, Any] | None:

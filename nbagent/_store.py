@@ -353,12 +353,8 @@ _ADD = "INSERT INTO records (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTH
 _DELETE = "DELETE FROM records WHERE key = ?"
 _DELETE_RANGE = "DELETE FROM records WHERE key >= ? AND key < ?"
 _RANGE_KEYS = "SELECT key FROM records WHERE key >= ? AND key < ? ORDER BY rowid"
-#: an integer counter: created at ``delta``, else incremented; no row back when it is not
-#: an integer (damaged)
-_INCR = (
-    "INSERT INTO records (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
-    "SET value = value + excluded.value WHERE typeof(value) = 'integer' RETURNING value"
-)
+
+
 #: a value kept by diskcache (a file, or anything of format 3 and older)
 _SELECT_FILE = "SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
 
@@ -369,11 +365,23 @@ def _get_many(n: int) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _put_many(n: int) -> str:
+def _upsert(n: int, update: str) -> str:
+    """INSERT of ``n`` (key, value) rows; an existing key gets ``DO UPDATE SET update``."""
     values = ", ".join(["(?, ?)"] * n)
     return (
-        f"INSERT INTO records (key, value) VALUES {values} "
-        "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+        f"INSERT INTO records (key, value) VALUES {values} ON CONFLICT (key) DO UPDATE SET {update}"
+    )
+
+
+def _put_many(n: int) -> str:
+    return _upsert(n, "value = excluded.value")
+
+
+def _incr_many(n: int) -> str:
+    """Integer counters: created at their delta, else incremented; a counter that is not an
+    integer (damaged) is left as it is and missing from the rows returned."""
+    return _upsert(
+        n, "value = value + excluded.value WHERE typeof(value) = 'integer' RETURNING key, value"
     )
 
 
@@ -920,14 +928,34 @@ class Store:
 
     def incr(self, run: str, name: str, delta: int = 1) -> int:
         key = f"ctr/{run}/{name}"
-        rows = self._rows(_INCR, (key, delta))
+        rows = self._rows(_incr_many(1), (key, delta))
         if not rows:  # the row is not a number nbagent wrote
             raise StoreError(
                 f"the counter {key!r} in the nbagent store at {self.path} is damaged (not an "
                 "integer); it was not used. Move the store aside and start again with a fresh "
                 "--store folder."
             )
-        return int(rows[0][0])
+        return int(rows[0][1])
+
+    def incr_many(self, run: str, deltas: dict[str, int]) -> dict[str, int]:
+        """:meth:`incr` of several counters at once (one statement); their new values.
+
+        All or none: a damaged counter raises (the increments are rolled back).
+        """
+        keys = {f"ctr/{run}/{name}": name for name in deltas}
+        args = tuple(x for key, name in keys.items() for x in (key, int(deltas[name])))
+        with self.transaction():
+            found = {
+                keys[key]: int(value) for key, value in self._rows(_incr_many(len(keys)), args)
+            }
+            damaged = sorted(f"ctr/{run}/{name}" for name in deltas if name not in found)
+            if damaged:
+                raise StoreError(
+                    f"the counter {damaged[0]!r} in the nbagent store at {self.path} is damaged "
+                    "(not an integer); it was not used. Move the store aside and start again "
+                    "with a fresh --store folder."
+                )
+        return found
 
     def drop_run(self, run: str) -> int:
         """Delete a run and everything kept for it (steps, values, counters, ledger, trace).

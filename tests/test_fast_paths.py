@@ -113,6 +113,10 @@ def test_records_round_trip_and_values_move_between_rows_and_files(tmp_path: Any
     with pytest.raises(StoreError, match="damaged"):
         st.incr("r", "bad")
     assert st._raw("ctr/r/bad") == "not a number"  # left as it was
+    assert st.incr_many("r", {"n": 5, "m": 2}) == {"n": 5, "m": 2}  # m is new
+    with pytest.raises(StoreError, match="ctr/r/bad"):
+        st.incr_many("r", {"n": 1, "bad": 1, "m": 1})
+    assert (st.counter("r", "n"), st.counter("r", "m")) == (5, 2)  # all or none
 
     large = os.urandom(st._min_file_size)  # signed: past the row limit, so a file
     st.commit_step("r", "a#1", {"saved": ["v"]}, {"v": large}, previous=None)
