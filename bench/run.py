@@ -172,7 +172,10 @@ def bench_steps(ip: Any, sizes: list[int]) -> dict[int, dict[str, float]]:
     """Per cell: plain vs first run of a step vs its replay, interleaved; medians.
 
     A row of N steps repeats fresh runs of N steps until it has at least 600
-    samples of each kind (one run of 10 steps alone is 10 noisy samples).
+    samples of each kind (one run of 10 steps alone is 10 noisy samples). Between
+    runs the step variables are deleted and garbage is collected, then one plain
+    cell runs unmeasured (as in bench_state): a full collection leaves every cache
+    cold, which no notebook does before each step.
     """
     out: dict[int, dict[str, float]] = {}
     fresh_run(ip, "warm-up")
@@ -187,6 +190,7 @@ def bench_steps(ip: Any, sizes: list[int]) -> dict[int, dict[str, float]]:
             fresh_run(ip, f"steps-{n}-{rep}")
             gc.collect()
             with quiet():
+                cell(ip, "p = -1")  # after a full collection, caches are cold: not measured
                 for i in range(n):
                     plain.append(cell(ip, f"p = {i}"))
                     first.append(cell(ip, f"%%step s{i}\nv{i} = {i}"))

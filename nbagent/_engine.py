@@ -315,6 +315,9 @@ class Run:
                 "stopped": None,
             }
             self.store.put_run(self.name, record)
+            # a new run has no stored steps (the set is a hint: a step missing from it is
+            # read under its lock, so one another process commits meanwhile is still seen)
+            self._stored_ids = set()
         wanted = {"usd": max_cost_usd, "steps": max_steps, "llm_calls": max_llm_calls}
         changes = {k: v for k, v in wanted.items() if v is not None and v != record["caps"].get(k)}
         if changes:
@@ -1364,7 +1367,8 @@ class NamespaceWatch:
     cost. Instead, each snapshot moves nbagent's own name :data:`MARK` (nothing
     else touches it) to the end of the namespace: every name added later comes
     after it and is found by walking back from the end, and a deletion shows in
-    the count. The user's names are kept from one snapshot to the next.
+    the count (then the user's names left are those of the last snapshot still
+    there). The user's names are kept from one snapshot to the next.
     """
 
     def __init__(self, namespace: dict[str, Any]) -> None:
@@ -1376,12 +1380,16 @@ class NamespaceWatch:
         ns = self.namespace
         if MARK not in ns:
             return NamespaceSnapshot(ns)
-        added = _added_after_mark(ns, self.length) if self.length >= 0 else None
-        if added is None:
+        if self.length < 0:
             names = [k for k in ns if fp.is_user_name(k)]
-        else:  # the list is shared by snapshots: extended into a new one, never in place
-            new = [k for k in added if fp.is_user_name(k)]
-            names = self.names + new if new else self.names
+        else:  # the list is shared by snapshots: a new one when it changes, never in place
+            added = list(takewhile(MARK.__ne__, reversed(ns)))
+            new = [k for k in reversed(added) if fp.is_user_name(k)]
+            if len(ns) == self.length + len(added):  # nothing was deleted
+                names = self.names + new if new else self.names
+            else:  # some were (and may be back, after the mark): keep the user's that are left
+                back = set(new)
+                names = [k for k in self.names if k in ns and k not in back] + new
         ns[MARK] = ns.pop(MARK)  # to the end: what the body adds comes after it
         self.length, self.names = len(ns), names
         return NamespaceSnapshot(ns, names, marked=True)
