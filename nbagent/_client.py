@@ -579,6 +579,8 @@ class _Core:
             self.row(call, status="refused", error=f"{type(exc).__name__}: {exc}", latency=0.0)
             raise
         call.reserved = True
+        # about to be sent: a step's live line shows itself now (see StepLine.lazy)
+        call.run._emit({"type": "llm_started", "step": call.step_id, "model": model})
 
     def price(self, call: _Call, usage: tuple[int, int, int, int] | None) -> float:
         if usage is None or call.model is None:

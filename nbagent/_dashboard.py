@@ -1159,7 +1159,7 @@ class StepLine:
     (whose widget text/plain is frozen at display time) keep the outcome too.
     """
 
-    def __init__(self, run: Run, step_id: str, *, widget: bool = True) -> None:
+    def __init__(self, run: Run, step_id: str, *, widget: bool = True, lazy: bool = False) -> None:
         self.run = run
         self.step_id = step_id
         self.name = step_id.split("#", 1)[0]
@@ -1174,24 +1174,38 @@ class StepLine:
         self.finished = False
         self._lock = threading.Lock()
         self.html: Any = None
-        if widget:
-            cls = _text_box("HTML")
-            self.html = cls(value="")
-            self.html.add_class("nbagent-step-line")
-            self.html._nbagent_owner = self
+        self.throttle: Throttle | None = None
         # the text a notebook keeps (frozen at display time): the outcome follows as a line
         self._initial_text = f"nbagent step {self.name!r} (live status)"
-        # text only (no widget): nothing to redraw, so no throttle and no ticks; the
-        # events still update the counts the summary prints
-        self.throttle = Throttle(self._flush) if self.html is not None else None
+        #: lazy: the widget is made and displayed when the step first does something worth
+        #: watching (an LLM call about to be sent, a retry), on the cell's thread; a step
+        #: that does none (most are a few milliseconds) costs no widget, only its summary
+        self.lazy = widget and lazy
         self._unsubscribe = run.subscribe(self._on_event)
-        if self.html is not None:
-            self._flush()
+        if widget and not lazy:
+            self._show()
+
+    def _show(self) -> None:
+        """Make the widget and display it (text only until then: no throttle, no ticks)."""
+        self.lazy = False
+        cls = _text_box("HTML")
+        self.html = cls(value="")
+        self.html.add_class("nbagent-step-line")
+        self.html._nbagent_owner = self
+        self.throttle = Throttle(self._flush)
+        self._flush()
 
     def _on_event(self, ev: dict[str, Any]) -> None:
         if ev.get("step") != self.step_id:
             return
         kind = ev.get("type")
+        if (
+            self.lazy
+            and kind in ("llm_started", "llm_retrying", "step_retrying")
+            and threading.current_thread() is threading.main_thread()
+        ):
+            self._show()
+            _display(self)
         ts = _f(ev.get("ts")) or time.time()
         with self._lock:
             if kind == "llm_call":
@@ -1309,19 +1323,20 @@ def summary_text(
     return line + (f" · {error}" if error else "")
 
 
-def step_status_line(run: Run, step_id: str, *, hook: bool = True) -> StepLine:
+def step_status_line(run: Run, step_id: str, *, hook: bool = True, lazy: bool = False) -> StepLine:
     """Show the live status line of a step that is starting; called by ``%%step``.
 
-    With widgets the line is displayed now (on the calling thread, the cell's);
-    without them nothing shows until the end. In an IPython shell the line
+    With widgets the line is displayed now (on the calling thread, the cell's),
+    or with ``lazy=True`` when the step first calls an LLM or retries (see
+    StepLine.lazy); without widgets nothing shows until the end. In an IPython shell the line
     finishes in the cell's ``post_run_cell`` (after nbagent's own hook has
     committed or aborted the step) and prints its summary there; ``hook=False``
     leaves calling :meth:`StepLine.finish` to the caller (``%%step`` calls it
     at the end of its own ``post_run_cell``).
     """
     live = widgets_available()
-    line = StepLine(run, step_id, widget=live)
-    if live:
+    line = StepLine(run, step_id, widget=live, lazy=lazy)
+    if live and not lazy:
         _display(line)
     shell = _shell() if hook else None
     if shell is not None and hasattr(shell, "events"):

@@ -397,7 +397,7 @@ class NbagentExtension:
         if widgets_available():  # a live line; it prints the summary after the cell
             from ._dashboard import step_status_line
 
-            pending.line = step_status_line(run, ex.step_id, hook=False)
+            pending.line = step_status_line(run, ex.step_id, hook=False, lazy=True)
         # The commit runs inside the cell, after the body, so that a commit error
         # (--strict, a full disk) fails the cell; the last expression is shown
         # explicitly (a trailing `;` still hides it, as in IPython).

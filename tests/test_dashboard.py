@@ -531,3 +531,28 @@ def test_step_status_line_in_ipython_finishes_after_the_cell(
     assert line.finished
     ip.run_cell("2 + 2")
     assert "step 'plan'" not in capsys.readouterr().out  # printed once, hook removed
+
+
+def test_step_line_shows_its_widget_only_when_the_step_calls_an_llm(
+    ip: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A trivial step (most take a few ms) displays no widget, only its summary; a step
+    that calls an LLM shows its live line when the first call is about to be sent."""
+    monkeypatch.setenv("NBAGENT_WIDGETS", "1")
+    shown: list[Any] = []
+    monkeypatch.setattr(dash_mod, "_display", shown.append)
+    ip.run_cell("%nbagent start lazy-line --no-dashboard")
+    ip.user_ns["client"] = nbagent.simulated_client(run=ip.user_ns["__nbagent__"].run)
+    assert ip.run_cell("%%step trivial\nx = 1").success
+    assert shown == [] and "✓ step 'trivial' done" in capsys.readouterr().out
+    src = (
+        "%%step asks\n"
+        "r = client.chat.completions.create(model='gpt-4o-mini', max_tokens=20,\n"
+        "    messages=[{'role': 'user', 'content': 'hi'}])"
+    )
+    assert ip.run_cell(src).success
+    (line,) = shown
+    assert isinstance(line, StepLine) and line.step_id == "asks#1"
+    assert line.html is not None and line.html.layout.display == "none"  # ended: hidden
+    out = capsys.readouterr().out
+    assert "✓ step 'asks' done" in out and "1 LLM call" in out
