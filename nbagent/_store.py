@@ -227,9 +227,6 @@ _TRACE_SCHEMA = (
 )""",
     "CREATE INDEX IF NOT EXISTS trace_run ON trace (run, seq)",
 )
-_INSERT_TRACE = (
-    f"INSERT INTO trace ({', '.join(TRACE_COLUMNS)}) VALUES ({', '.join('?' * len(TRACE_COLUMNS))})"
-)
 _OLD_TRACE = "trace.sqlite3"  # format 1's trace database
 
 
@@ -237,10 +234,13 @@ _OLD_TRACE = "trace.sqlite3"  # format 1's trace database
 _to_json = json.JSONEncoder(default=str).encode
 
 
+_TRACE_COLUMN_SET = frozenset(TRACE_COLUMNS)
+
+
 def trace_values(row: dict[str, Any]) -> list[Any]:
     """The TRACE_COLUMNS values of a trace row (unknown keys go to the JSON ``detail``)."""
     values = [row.get(c) for c in TRACE_COLUMNS]
-    extra = {k: v for k, v in row.items() if k not in TRACE_COLUMNS}
+    extra = {k: v for k, v in row.items() if k not in _TRACE_COLUMN_SET}
     if extra:
         detail = row.get("detail") or {}
         values[-1] = {**(detail if isinstance(detail, dict) else {"detail": detail}), **extra}
@@ -250,6 +250,20 @@ def trace_values(row: dict[str, Any]) -> list[Any]:
     if values[0] is None:
         values[0] = time.time()
     return values
+
+
+def _trace_insert(row: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
+    """The INSERT of a trace row naming only its columns that have a value (a step's row
+    has 9 of the 22), and its arguments."""
+    values = trace_values(row)
+    present = tuple(i for i, v in enumerate(values) if v is not None)
+    return _insert_trace(present), tuple(values[i] for i in present)
+
+
+@functools.lru_cache(maxsize=128)
+def _insert_trace(present: tuple[int, ...]) -> str:
+    cols = [TRACE_COLUMNS[i] for i in present]
+    return f"INSERT INTO trace ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
 
 
 def default_store_dir() -> Path:
@@ -1186,9 +1200,9 @@ class Store:
         if self._deferred:
             with self.transaction():
                 self._flush_trace()
-                self._rows(_INSERT_TRACE, tuple(trace_values(row)))
+                self._rows(*_trace_insert(row))
             return
-        self._rows(_INSERT_TRACE, tuple(trace_values(row)))
+        self._rows(*_trace_insert(row))
 
     def _flush_trace(self) -> None:
         """Write the deferred trace rows, in one transaction."""
@@ -1200,7 +1214,7 @@ class Store:
         try:
             with self.transaction():
                 for row in rows:
-                    self._rows(_INSERT_TRACE, tuple(trace_values(row)))
+                    self._rows(*_trace_insert(row))
         except BaseException:
             with self._deferred_lock:
                 self._deferred[:0] = rows
