@@ -1348,14 +1348,20 @@ def _getter(names: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
 _last_getter: tuple[Any, Any] = (None, None)
 
 
+def _after_mark(namespace: dict[str, Any]) -> list[str]:
+    """Keys after :data:`MARK`, oldest first (every key when the mark is gone)."""
+    added = list(takewhile(MARK.__ne__, reversed(namespace)))
+    added.reverse()
+    return added
+
+
 def _added_after_mark(namespace: dict[str, Any], length: int) -> list[str] | None:
     """Keys after :data:`MARK` (oldest first), for a namespace that had ``length`` keys when
     the mark was moved to its end; None when a key older than the mark was deleted since
     (the count does not add up) or the mark is gone."""
-    added = list(takewhile(MARK.__ne__, reversed(namespace)))
+    added = _after_mark(namespace)
     if len(added) == len(namespace) or len(namespace) != length + len(added):
         return None
-    added.reverse()
     return added
 
 
@@ -1383,8 +1389,8 @@ class NamespaceWatch:
         if self.length < 0:
             names = [k for k in ns if fp.is_user_name(k)]
         else:  # the list is shared by snapshots: a new one when it changes, never in place
-            added = list(takewhile(MARK.__ne__, reversed(ns)))
-            new = [k for k in reversed(added) if fp.is_user_name(k)]
+            added = _after_mark(ns)
+            new = [k for k in added if fp.is_user_name(k)]
             if len(ns) == self.length + len(added):  # nothing was deleted
                 names = self.names + new if new else self.names
             else:  # some were (and may be back, after the mark): keep the user's that are left

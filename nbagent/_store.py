@@ -944,12 +944,15 @@ class Store:
         key = f"ctr/{run}/{name}"
         rows = self._rows(_incr_many(1), (key, delta))
         if not rows:  # the row is not a number nbagent wrote
-            raise StoreError(
-                f"the counter {key!r} in the nbagent store at {self.path} is damaged (not an "
-                "integer); it was not used. Move the store aside and start again with a fresh "
-                "--store folder."
-            )
+            raise self._damaged_counter(key)
         return int(rows[0][1])
+
+    def _damaged_counter(self, key: str) -> StoreError:
+        return StoreError(
+            f"the counter {key!r} in the nbagent store at {self.path} is damaged (not an "
+            "integer); it was not used. Move the store aside and start again with a fresh "
+            "--store folder."
+        )
 
     def incr_many(self, run: str, deltas: dict[str, int]) -> dict[str, int]:
         """:meth:`incr` of several counters at once (one statement); their new values.
@@ -964,11 +967,7 @@ class Store:
             }
             damaged = sorted(f"ctr/{run}/{name}" for name in deltas if name not in found)
             if damaged:
-                raise StoreError(
-                    f"the counter {damaged[0]!r} in the nbagent store at {self.path} is damaged "
-                    "(not an integer); it was not used. Move the store aside and start again "
-                    "with a fresh --store folder."
-                )
+                raise self._damaged_counter(damaged[0])
         return found
 
     def drop_run(self, run: str) -> int:
