@@ -12,6 +12,8 @@ Layout of a store directory (created private to the user, mode 0700)::
                                    (``meta/*``) and the large values (32 KB and
                                    more), kept as files under STORE/
     STORE/cache.db-locks  step locks (POSIX record locks; the file stays empty)
+    STORE/cache.db-versions  per-run change counters of step and run records, mapped
+                      into every process (so a step can begin without a read)
 
 Why tables beside diskcache's: a step commit writes its record, its small values,
 its trace row and the run's step count in one transaction, and the pages it
@@ -54,6 +56,7 @@ import threading
 import time
 import uuid
 import weakref
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +76,9 @@ from ._errors import StepLockedError, StoreError, StoreFormatError
 #: pickle-5 out-of-band buffers; format 2's blobs are still read.
 #: 4: every entry but ``meta/*`` and value files is a row of the ``records`` table, not of
 #: diskcache's ``Cache``; the trace's ``seq`` is a plain rowid (no AUTOINCREMENT).
-FORMAT_VERSION = 4
+#: 5: writers of step and run records count them in ``cache.db-versions`` (see _Versions);
+#: nothing else changed, but an older nbagent, which does not count, must not write.
+FORMAT_VERSION = 5
 
 #: Money is kept as integer nano-dollars so counters can be incremented
 #: atomically by diskcache (which only increments integers).
@@ -465,6 +470,71 @@ class _Checkpointer:
         self.wake.set()
 
 
+class _Versions:
+    """Change counters of the runs' step and run records, shared by the processes on a store.
+
+    ``STORE/cache.db-versions`` is 4 KB mapped into every process that opens the
+    store: 512 counters, a run's is ``crc32(run) % 512`` (runs sharing one only cost
+    reads). Whoever writes a run's step or run records adds 1 to its counter inside
+    the write transaction, before COMMIT; writers are serialized by SQLite's write
+    lock, so no increment is lost. A process that knows a run's records as of
+    counter value V (read or written while it held the write lock) still knows them
+    while the counter is V, and ``Store.begin_step`` skips its read. A writer killed
+    before its COMMIT leaves an increment without a change: readers just read again.
+    Without the file (a read-only folder, a file system without shared maps) every
+    step begins with a read, as before. Written by hand: 40 lines of ``mmap``.
+    """
+
+    SLOTS = 512
+
+    def __init__(self, path: Path) -> None:
+        self.counters: memoryview | None = None
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                if os.fstat(fd).st_size < 8 * self.SLOTS:
+                    os.ftruncate(fd, 8 * self.SLOTS)  # zeros; never shrinks a used file
+                self._map = mmap.mmap(fd, 8 * self.SLOTS)
+            finally:
+                os.close(fd)
+            self.counters = memoryview(self._map).cast("Q")
+        except (OSError, ValueError):
+            pass
+
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)
+    def slot(run: str) -> int:
+        return zlib.crc32(run.encode()) % _Versions.SLOTS
+
+    def get(self, run: str) -> int | None:
+        return None if self.counters is None else self.counters[self.slot(run)]
+
+    def bump(self, run: str) -> int | None:
+        """Count a change (in a write transaction); the counter's value before it."""
+        if self.counters is None:
+            return None
+        i = self.slot(run)
+        before = self.counters[i]
+        self.counters[i] = (before + 1) & 0xFFFF_FFFF_FFFF_FFFF
+        return before
+
+    def close(self) -> None:
+        if self.counters is not None:
+            self.counters.release()
+            self.counters = None
+            self._map.close()
+
+
+class _Known:
+    """A run's step ids and run record as this process knows them, exact while the run's
+    versions counter is ``version`` (see _Versions). ``version`` is set last."""
+
+    __slots__ = ("steps", "record", "version")
+
+    def __init__(self, steps: set[str], record: dict[str, Any] | None, version: int) -> None:
+        self.steps, self.record, self.version = steps, record, version
+
+
 class _Transaction:
     """``Store.transaction()``: what ``diskcache.Cache.transact(retry=True)`` does, lighter.
 
@@ -500,17 +570,21 @@ class _Transaction:
         if not self.began:
             return
         self.store._kv._txn_id = None
+        changes, self.store._changes = self.store._changes, []
         if et is None:
             try:
                 self.store._rows("COMMIT", ())
-                self.store._checkpointer.committed()
-                return
             except BaseException:  # e.g. a full disk: nothing of it is kept
                 with contextlib.suppress(sqlite3.Error, StoreError):
                     self.store._rows("ROLLBACK", ())
+                self.store._forget(changes)
                 raise
+            self.store._checkpointer.committed()
+            self.store._apply(changes)
+            return
         with contextlib.suppress(sqlite3.Error, StoreError):
             self.store._rows("ROLLBACK", ())
+        self.store._forget(changes)
 
 
 class Store:
@@ -544,6 +618,11 @@ class Store:
                 "Move it aside and start again with a fresh --store folder."
             ) from e
         self._checkpointer = _Checkpointer(self)
+        self._versions = _Versions(self.path / "cache.db-versions")
+        self._known: dict[str, _Known] = {}  # by run; see begin_step
+        self._syncs: dict[str, int] = {}  # times a run's _Known was read whole
+        #: the record changes of the write transaction in progress: (run, counter before, what)
+        self._changes: list[tuple[str, int | None, str, Any]] = []
         self._tls = threading.local()  # this thread's connection (see _rows)
         _all_stores.add(self)
         self._check_format()
@@ -585,6 +664,8 @@ class Store:
         All in one transaction that also raises the version (an older nbagent refuses
         the upgraded store):
 
+        4 -> 5: nothing moves (writers count their changes in ``cache.db-versions``
+        from now on; the format keeps older nbagent, which does not, from writing).
         3 -> 4: every entry of diskcache's ``Cache`` but ``meta/*`` and the value
         files moves to ``records``, in rowid order (so steps keep their order); the
         trace table is rebuilt without AUTOINCREMENT (same rows, same ``seq``).
@@ -755,6 +836,52 @@ class Store:
 
     # -- blobs (signed pickles) ---------------------------------------------
 
+    # -- what this process knows of a run's records (see _Versions) ---------
+
+    def _changed(self, run: str, what: str, value: Any = None) -> None:
+        """In a write transaction: the run's step or run records change. ``what``:
+        ``step+``/``step-`` (a step id committed/dropped), ``record`` (the run record
+        now), ``drop`` (the whole run). Applied to ``_known`` when the transaction commits."""
+        self._changes.append((run, self._versions.bump(run), what, value))
+
+    def _apply(self, changes: list[tuple[str, int | None, str, Any]]) -> None:
+        for run, before, what, value in changes:
+            known = self._known.get(run)
+            if known is None:
+                continue
+            if before is None or known.version != before or what == "drop":
+                del self._known[run]  # somebody else changed the run meanwhile: read it again
+                continue
+            if what == "step+":
+                known.steps.add(value)
+            elif what == "step-":
+                known.steps.discard(value)
+            else:
+                known.record = value
+            known.version = (before + 1) & 0xFFFF_FFFF_FFFF_FFFF
+
+    def _forget(self, changes: list[tuple[str, int | None, str, Any]]) -> None:
+        for run, *_ in changes:
+            self._known.pop(run, None)
+
+    def _know(self, run: str) -> _Known | None:
+        """Read the run's step ids and record while holding the write lock (so every
+        counted change is committed); at most three times per run and process (another
+        process writing the same run makes this process read at each step, as before)."""
+        if self._versions.counters is None or self._syncs.get(run, 0) >= 3:
+            return None
+        self._syncs[run] = self._syncs.get(run, 0) + 1
+        with self.transaction():
+            self._learn(run)
+        return self._known.get(run)
+
+    def _learn(self, run: str) -> None:
+        """In a write transaction: know the run as it is now (made in put_run too, so a
+        new run is known from the start, at the cost of one empty range query)."""
+        version = self._versions.get(run)
+        if version is not None:
+            self._known[run] = _Known(set(self.step_ids(run)), self.get_run(run), version)
+
     def _mac(self, payload: bytes | memoryview) -> bytes:
         """Keyed BLAKE3 of a payload: a MAC, at several GB/s (multi-threaded when large)."""
         threads = blake3.blake3.AUTO if len(payload) >= 1 << 22 else 1
@@ -903,8 +1030,12 @@ class Store:
         return self._get_dict(f"run/{run}")
 
     def put_run(self, run: str, record: dict[str, Any]) -> None:
+        text = _to_json(record)
         with self.transaction():
-            self._set_json(f"run/{run}", record)
+            if run not in self._known:
+                self._learn(run)
+            self._put(f"run/{run}", text)
+            self._changed(run, "record", json.loads(text))
             names = self._get_json("runs") or []
             if run not in names:
                 names.append(run)
@@ -992,6 +1123,7 @@ class Store:
             for key in files:
                 self._kv.delete(key)
             self._set_json("runs", [r for r in self.runs() if r != run])
+            self._changed(run, "drop")
         self.delete_trace(run)
         return steps
 
@@ -1062,6 +1194,7 @@ class Store:
                 self._flush_trace()
             if count:
                 self.incr(run, "steps")
+            self._changed(run, "step+", step_id)
         self.release_lock(run, step_id)  # after the commit: the next holder sees the record
         saved_before = old.get("saved", [])
         for name in set(saved_before) - set(blobs):
@@ -1078,6 +1211,7 @@ class Store:
             self._rows(_DELETE, (f"step/{run}/{step_id}",))
             if record and record.get("ordinal") is not None:  # format 1's index
                 self._rows(_DELETE, (f"stepidx/{run}/{record['ordinal']}",))
+            self._changed(run, "step-", step_id)
         for name in (record or {}).get("saved", []):
             self.delete_blob(f"{run}/{step_id}/{name}")
         return record is not None
@@ -1094,7 +1228,10 @@ class Store:
         check the stop switch and the step cap (and undo with :meth:`undo_begin`
         when it refuses), and see whether another process committed the step in
         the meantime. No transaction: the lock is a file lock, the two records
-        are read with one SELECT and the count is one atomic SQL statement. Without a
+        are read with one SELECT and the count is one atomic SQL statement. The read
+        is skipped when nothing of the run changed since this process last read or
+        wrote it (its counter in ``cache.db-versions`` says so, see _Versions); the
+        process reads the run whole once, with ``_know``, to know that. Without a
         ``max_steps`` cap nothing is written and the count is None: the caller
         counts the execution when it ends (``commit_step(count=True)``, or
         :meth:`incr` for a failed step). With a cap it is counted here, before
@@ -1102,7 +1239,15 @@ class Store:
         """
         owner = self.acquire_lock(run, step_id)
         try:
-            step, record = self._get_dicts(f"step/{run}/{step_id}", f"run/{run}")
+            known = self._known.get(run) or self._know(run)
+            if (  # (version first: it is set last, when steps and record are up to date)
+                known is not None
+                and known.version == self._versions.get(run)
+                and step_id not in known.steps
+            ):  # nothing of the run changed since this process last read or wrote it
+                step, record = None, known.record
+            else:
+                step, record = self._get_dicts(f"step/{run}/{step_id}", f"run/{run}")
             record = record or {}
             count = None
             if (record.get("caps") or {}).get("steps") is not None:
@@ -1245,6 +1390,8 @@ class Store:
         self._checkpointer.stop()
         self._kv.close()
         self._tls = threading.local()
+        self._known.clear()
+        self._versions.close()
 
 
 #: stores holding deferred trace rows; written when the process exits
@@ -1266,6 +1413,7 @@ def _forget_connections() -> None:
     """In a forked child: connections are the parent's; diskcache opens new ones."""
     for store in list(_all_stores):
         store._tls = threading.local()
+        store._changes = []  # another thread's transaction, if any, is the parent's
 
 
 os.register_at_fork(after_in_child=_forget_connections)

@@ -727,3 +727,113 @@ def test_a_forked_child_opens_connections_of_its_own(tmp_path: Path) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert store.incr("r", "n") == 3 and store._tls.con is parent_con
+
+
+# -- beginning a step without a read (cache.db-versions) ------------------------------------
+
+_OTHER_PROCESS = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import nbagent
+    store, what = sys.argv[1], sys.argv[2]
+    run = nbagent.Run("r", store=store)
+    if what == "commit b":
+        ex = run.begin("b", 1, "source of b", {})
+        (Path(store).parent / "b-ran").write_text("other\\n")
+        ex.commit({"made_by": "the other process"}, outputs=[], result=None)
+    elif what == "stop":
+        run.stop("stopped from another process")
+    elif what == "reset a":
+        run.reset(["a#1"])
+    """
+)
+
+
+def _other_process(path: Path, what: str) -> None:
+    subprocess.run(
+        [sys.executable, "-c", _OTHER_PROCESS, str(path), what],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+
+
+def _step_b(run: nbagent.Run) -> str:
+    """Step b as the other process runs it; who made the value it stored."""
+    ex = run.begin("b", 1, "source of b", {})
+    if ex.replay:
+        return str(ex.load_value("made_by"))
+    ex.commit({"made_by": "this process"}, outputs=[], result=None)
+    return "this process"
+
+
+def test_a_step_another_process_committed_replays_here(tmp_path: Path) -> None:
+    """This process knows the run (it ran a step: begins now skip their read); another
+    process commits step b; b here replays it instead of running it a second time."""
+    path = tmp_path / "s"
+    run = nbagent.Run("r", store=path)
+    assert run.step("a")(lambda: 1)() == 1
+    assert run.step("a2")(lambda: 2)() == 2  # began without a read
+    _other_process(path, "commit b")
+    assert _step_b(run) == "the other process"  # replayed, not run again
+    assert (tmp_path / "b-ran").read_text() == "other\n"
+    assert run.steps_executed == 3
+
+
+def test_a_stop_from_another_process_is_seen_at_the_next_step(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    run = nbagent.Run("r", store=path)
+    run.step("a")(lambda: 1)()
+    run.step("a2")(lambda: 2)()
+    _other_process(path, "stop")
+    with pytest.raises(nbagent.RunStopped, match="another process"):
+        _step_b(run)
+    assert run.steps_executed == 2
+
+
+def test_a_step_another_process_reset_runs_again_here(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    calls = []
+    run = nbagent.Run("r", store=path)
+    run.step("a")(lambda: calls.append(1))()
+    _other_process(path, "reset a")
+    again = nbagent.Run("r", store=path)  # a fresh look at the run: step a is gone
+    again.step("a")(lambda: calls.append(2))()
+    assert calls == [1, 2]
+
+
+def test_steps_are_right_without_the_versions_file(tmp_path: Path) -> None:
+    """A folder where cache.db-versions cannot be made: every step begins with a read."""
+    path = tmp_path / "s"
+    path.mkdir(mode=0o700)
+    (path / "cache.db-versions").mkdir()  # os.open fails on it
+    run = nbagent.Run("r", store=path)
+    run.step("a")(lambda: 1)()
+    _other_process(path, "commit b")
+    assert _step_b(run) == "the other process"
+    _other_process(path, "stop")
+    with pytest.raises(nbagent.RunStopped):
+        run.step("c")(lambda: 3)()
+
+
+def test_a_writer_killed_before_its_commit_costs_a_read_not_a_wrong_replay(
+    tmp_path: Path,
+) -> None:
+    """A process counts its change, then dies before COMMIT: nothing changed, the counter
+    moved; this process reads again and goes on, then knows the run again."""
+    path = tmp_path / "s"
+    run = nbagent.Run("r", store=path)
+    run.step("a")(lambda: 1)()
+    code = (
+        "import os, sys\nfrom nbagent._store import Store\ns = Store(sys.argv[1])\n"
+        "with s.transaction():\n"
+        "    s.put_run('r', {'name': 'r', 'caps': {}, 'stopped': {'reason': 'x'}})\n"
+        "    os._exit(0)  # killed before COMMIT\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=60)
+    assert run.stopped is None
+    assert run.step("b")(lambda: 2)() == 2
+    _other_process(path, "stop")
+    with pytest.raises(nbagent.RunStopped):
+        run.step("c")(lambda: 3)()
