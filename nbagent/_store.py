@@ -44,6 +44,7 @@ import fcntl
 import functools
 import hashlib
 import hmac
+import itertools
 import json
 import mmap
 import os
@@ -77,7 +78,7 @@ from ._errors import StepLockedError, StoreError, StoreFormatError
 #: 4: every entry but ``meta/*`` and value files is a row of the ``records`` table, not of
 #: diskcache's ``Cache``; the trace's ``seq`` is a plain rowid (no AUTOINCREMENT).
 #: 5: writers of step and run records count them in ``cache.db-versions`` (see _Versions);
-#: nothing else changed, but an older nbagent, which does not count, must not write.
+#: a step's trace row and step count may wait as a ``pend/`` record (see Store.commit_step).
 FORMAT_VERSION = 5
 
 #: Money is kept as integer nano-dollars so counters can be incremented
@@ -372,6 +373,17 @@ _ADD = "INSERT INTO records (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTH
 _DELETE = "DELETE FROM records WHERE key = ?"
 _DELETE_RANGE = "DELETE FROM records WHERE key >= ? AND key < ?"
 _RANGE_KEYS = "SELECT key FROM records WHERE key >= ? AND key < ? ORDER BY rowid"
+_PENDING = "SELECT key, value FROM records WHERE key >= ? AND key < ? ORDER BY rowid"
+_ANY_PENDING = "SELECT 1 FROM records WHERE key >= 'pend/' AND key < 'pend0' LIMIT 1"
+
+#: a process moves its ``pend/`` records (see Store.commit_step) at least every this many
+_PENDING_BATCH = 64
+
+
+def _pending_keys() -> Any:
+    """Keys of ``pend/`` records: unique to this Store object and process, in order."""
+    prefix = f"pend/{uuid.uuid4().hex[:16]}."
+    return (f"{prefix}{n:012d}" for n in itertools.count())
 
 
 #: a value kept by diskcache (a file, or anything of format 3 and older)
@@ -623,6 +635,9 @@ class Store:
         self._syncs: dict[str, int] = {}  # times a run's _Known was read whole
         #: the record changes of the write transaction in progress: (run, counter before, what)
         self._changes: list[tuple[str, int | None, str, Any]] = []
+        #: ``pend/`` records this object wrote and did not move yet (see commit_step)
+        self._own_pending = 0
+        self._pending_keys = _pending_keys()
         self._tls = threading.local()  # this thread's connection (see _rows)
         _all_stores.add(self)
         self._check_format()
@@ -665,7 +680,8 @@ class Store:
         the upgraded store):
 
         4 -> 5: nothing moves (writers count their changes in ``cache.db-versions``
-        from now on; the format keeps older nbagent, which does not, from writing).
+        from now on, and steps may leave ``pend/`` records; the format keeps older
+        nbagent, which does neither, from writing).
         3 -> 4: every entry of diskcache's ``Cache`` but ``meta/*`` and the value
         files moves to ``records``, in rowid order (so steps keep their order); the
         trace table is rebuilt without AUTOINCREMENT (same rows, same ``seq``).
@@ -1032,6 +1048,7 @@ class Store:
     def put_run(self, run: str, record: dict[str, Any]) -> None:
         text = _to_json(record)
         with self.transaction():
+            self._flush_trace(everyone=True)  # counts in pend/ records, before a cap changes
             if run not in self._known:
                 self._learn(run)
             self._put(f"run/{run}", text)
@@ -1045,6 +1062,8 @@ class Store:
         return list(self._get_json("runs") or [])
 
     def counter(self, run: str, name: str) -> int:
+        if name == "steps":
+            self._flush_trace(everyone=True)  # counts waiting in pend/ records
         value = self._raw(f"ctr/{run}/{name}") or 0
         if not isinstance(value, int):
             raise StoreError(
@@ -1057,6 +1076,8 @@ class Store:
         self, run: str, counters: tuple[str, ...]
     ) -> tuple[dict[str, Any], dict[str, int]]:
         """The run's record (``{}`` if missing) and some of its counters, with one SELECT."""
+        if "steps" in counters:
+            self._flush_trace(everyone=True)  # counts waiting in pend/ records
         keys = [f"run/{run}", *(f"ctr/{run}/{name}" for name in counters)]
         found = self._raw_many(tuple(keys))
         record = self._as_dict(keys[0], self._parse_json(keys[0], found.get(keys[0]))) or {}
@@ -1107,6 +1128,7 @@ class Store:
         Returns the number of completed steps dropped. For ``nbagent gc``; the
         run's spend goes with it, so this is never done implicitly.
         """
+        self._flush_trace(everyone=True)  # so no pend/ record brings the run back
         steps = len(self.step_ids(run))
         prefixes = tuple(f"{kind}/{run}/" for kind in _RUN_KINDS)
         exact = (f"run/{run}", f"dbos/{run}", f"resv/{run}")
@@ -1161,7 +1183,13 @@ class Store:
         ``previous`` is the step's record before this execution (None for a new
         step) as the caller read it under the step's lock; by default it is read
         here. ``trace`` is the step's trace row, committed with the record (so a
-        committed step always has its trace row). Large value blobs are written first, outside the transaction (so
+        committed step always has its trace row): it and the step count wait as one
+        ``pend/`` record, a row of the same statement as the record (the trace table,
+        its index and the counter would be three more B-tree pages and two statements
+        per commit). They move to the trace and the counter in batches
+        (:meth:`_move_pending`), before this process writes another trace row and
+        whenever the trace or the step count is read, so readers never miss them and
+        a crash loses nothing. Large value blobs are written first, outside the transaction (so
         other processes are not blocked while a big file is written); a crash
         before the transaction leaves orphan blobs but never a record that points
         at a missing blob. ``count``: also count the step's execution (in the same
@@ -1181,20 +1209,26 @@ class Store:
                 else:
                     files[key] = blob
         rows[f"step/{run}/{step_id}"] = _to_json(record)
+        if trace is not None:  # the trace row and the count wait in the same statement
+            values = trace_values(trace)
+            row = {c: v for c, v in zip(TRACE_COLUMNS, values, strict=True) if v is not None}
+            rows[next(self._pending_keys)] = _to_json([row, run, int(count)])
+            count = False
         with self.transaction():
             old = (self.get_step(run, step_id) if previous is UNREAD else previous) or {}
-            self._put_many(rows)  # the small values and the record: one statement
+            if self._deferred or self._own_pending >= _PENDING_BATCH:
+                self._flush_trace()  # replays' rows come before this step's
+            self._put_many(rows)  # the small values, the record, its pending trace row
             for key, value in files.items():
                 if value is not None:
                     self._kv.set(key, value, retry=True)
                 self._rows(_DELETE, (key,))  # an older, small value would hide the file
-            if trace is not None:
-                self.add_trace(trace)
-            elif self._deferred:
-                self._flush_trace()
             if count:
                 self.incr(run, "steps")
             self._changed(run, "step+", step_id)
+        if trace is not None:
+            self._own_pending += 1
+            _deferring.add(self)  # moved at exit, if nothing moves it before
         self.release_lock(run, step_id)  # after the commit: the next holder sees the record
         saved_before = old.get("saved", [])
         for name in set(saved_before) - set(blobs):
@@ -1341,22 +1375,25 @@ class Store:
                     _deferring.add(self)
                 self._deferred.append(row)
             return
-        if self._deferred:
+        if self._deferred or self._own_pending:
             with self.transaction():
                 self._flush_trace()
                 self._rows(*_trace_insert(row))
             return
         self._rows(*_trace_insert(row))
 
-    def _flush_trace(self) -> None:
-        """Write the deferred trace rows, in one transaction."""
+    def _flush_trace(self, everyone: bool = False) -> None:
+        """Write what waits for the trace, in order, in one transaction: the ``pend/``
+        records (steps' rows and counts, see commit_step) this process wrote (with
+        ``everyone``: any process's), then the deferred rows (replays)."""
         with self._deferred_lock:
             rows, self._deferred = self._deferred, []
             _deferring.discard(self)
-        if not rows:
+        if not (rows or self._own_pending or (everyone and self._rows(_ANY_PENDING, ()))):
             return
         try:
             with self.transaction():
+                self._move_pending()
                 for row in rows:
                     self._rows(*_trace_insert(row))
         except BaseException:
@@ -1365,12 +1402,34 @@ class Store:
                 _deferring.add(self)
             raise
 
+    def _move_pending(self) -> None:
+        """Every ``pend/`` record, oldest first, to a trace row and the run's step count."""
+        with self.transaction():
+            found = self._rows(_PENDING, _range("pend/"))
+            counts: dict[str, int] = {}
+            for key, raw in found:
+                item = self._parse_json(key, raw)
+                if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], dict)):
+                    raise StoreError(
+                        f"the entry {key!r} in the nbagent store at {self.path} is damaged (not "
+                        "a pending trace row); nothing was read past it. Move the store aside "
+                        "and start again with a fresh --store folder."
+                    )
+                row, run, count = item
+                self._rows(*_trace_insert(row))
+                if count:
+                    counts[run] = counts.get(run, 0) + int(count)
+            for run, count in counts.items():
+                self.incr(run, "steps", count)
+            if found:
+                self._rows(_DELETE_RANGE, _range("pend/"))
+        self._own_pending = 0
+
     def trace_rows(
         self, run: str | None = None, since_seq: int = 0
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Columns (with ``seq`` first) and rows of the trace, oldest first."""
-        if self._deferred:
-            self._flush_trace()
+        self._flush_trace(everyone=True)
         sql = f"SELECT seq, {', '.join(TRACE_COLUMNS)} FROM trace WHERE seq > ?"
         args: tuple[Any, ...] = (since_seq,)
         if run is not None:
@@ -1379,8 +1438,7 @@ class Store:
         return ["seq", *TRACE_COLUMNS], self._rows(sql + " ORDER BY seq", args)
 
     def delete_trace(self, run: str) -> None:
-        if self._deferred:
-            self._flush_trace()
+        self._flush_trace(everyone=True)
         self._rows("DELETE FROM trace WHERE run = ?", (run,))
 
     def close(self) -> None:
@@ -1414,6 +1472,7 @@ def _forget_connections() -> None:
     for store in list(_all_stores):
         store._tls = threading.local()
         store._changes = []  # another thread's transaction, if any, is the parent's
+        store._pending_keys = _pending_keys()
 
 
 os.register_at_fork(after_in_child=_forget_connections)

@@ -687,9 +687,13 @@ def test_replay_trace_rows_are_deferred_but_read_and_committed_in_order(tmp_path
     ex.replayed()
     raw = sqlite3.connect(path / "cache.db")
     statuses = "SELECT status FROM trace WHERE kind = 'step' ORDER BY seq"
-    assert raw.execute(statuses).fetchall() == [("done",)]  # not written yet: no commit
-    run.begin("b", 1, "h", {}).commit({}, outputs=[], result=None)  # written with this commit
-    assert raw.execute(statuses).fetchall() == [("done",), ("replayed",), ("done",)]
+    # a's row waits as a pend/ record (written with its step), the replay's in memory
+    assert raw.execute(statuses).fetchall() == []
+    run.begin("b", 1, "h", {}).commit({}, outputs=[], result=None)  # both written with it
+    assert raw.execute(statuses).fetchall() == [("done",), ("replayed",)]  # b's waits
+    cols, rows = run.store.trace_rows("r")
+    steps = [r[cols.index("status")] for r in rows if r[cols.index("kind")] == "step"]
+    assert steps == ["done", "replayed", "done"]
     ex = run.begin("a", 1, "h", {})
     ex.replayed()
     cols, rows = run.store.trace_rows("r")  # reading the trace writes it first
@@ -837,3 +841,73 @@ def test_a_writer_killed_before_its_commit_costs_a_read_not_a_wrong_replay(
     _other_process(path, "stop")
     with pytest.raises(nbagent.RunStopped):
         run.step("c")(lambda: 3)()
+
+
+# -- a step's trace row and count wait as a pend/ record --------------------------------------
+
+
+def _step_statuses(store: Store, run: str) -> list[tuple[str, str]]:
+    cols, rows = store.trace_rows(run)
+    kind, step, status = cols.index("kind"), cols.index("step"), cols.index("status")
+    return [(r[step], r[status]) for r in rows if r[kind] == "step"]
+
+
+def test_a_process_killed_after_its_commits_loses_no_trace_row_or_count(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    code = textwrap.dedent(
+        """
+        import os, sys
+        import nbagent
+        run = nbagent.Run("r", store=sys.argv[1])
+        for name in ("a", "b", "c"):
+            run.begin(name, 1, "h", {}).commit({"x": 1}, outputs=[], result=None)
+        os._exit(0)  # no exit handlers: the rows are still waiting
+        """
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=60)
+    run = nbagent.Run("r", store=path)
+    assert run.steps_executed == 3
+    assert _step_statuses(run.store, "r") == [("a#1", "done"), ("b#1", "done"), ("c#1", "done")]
+
+
+def test_trace_rows_keep_their_order_across_waiting_and_batches(tmp_path: Path) -> None:
+    run = nbagent.Run("r", store=tmp_path / "s")
+    expected = []
+    for i in range(150):  # more than two batches of pend/ records
+        run.begin(f"s{i}", 1, "h", {}).commit({}, outputs=[], result=None)
+        expected.append(("step", f"s{i}"))
+        if i % 7 == 0:  # a row written at once (as an LLM call's is)
+            run.record_event(kind="control", name=f"e{i}", status="ok")
+            expected.append(("control", f"e{i}"))
+    cols, rows = run.store.trace_rows("r")
+    assert [(r[cols.index("kind")], r[cols.index("name")]) for r in rows] == expected
+    seqs = [r[0] for r in rows]
+    assert seqs == sorted(seqs)
+    assert run.steps_executed == 150
+
+
+def test_dropping_a_run_leaves_no_waiting_row_to_bring_it_back(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    run = nbagent.Run("r", store=path)
+    run.begin("a", 1, "h", {}).commit({}, outputs=[], result=None)
+    assert run.store.drop_run("r") == 1
+    other = nbagent.Run("other", store=path)
+    other.begin("a", 1, "h", {}).commit({}, outputs=[], result=None)
+    assert other.store.trace_rows("r")[1] == []
+    assert other.store.counter("r", "steps") == 0
+    assert other.steps_executed == 1
+
+
+def test_a_damaged_waiting_row_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    run = nbagent.Run("r", store=path)
+    run.begin("a", 1, "h", {}).commit({}, outputs=[], result=None)
+    raw = sqlite3.connect(path / "cache.db")
+    with raw:
+        raw.execute(
+            "UPDATE records SET value = '{\"not\": 1}' WHERE key >= 'pend/' AND key < 'pend0'"
+        )
+    raw.close()
+    with pytest.raises(StoreError, match="damaged .*pending trace row.*fresh --store"):
+        Store(path).trace_rows("r")
+    assert Store(path).get_step("r", "a#1") is not None  # nothing else is lost
