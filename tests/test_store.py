@@ -911,3 +911,16 @@ def test_a_damaged_waiting_row_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="damaged .*pending trace row.*fresh --store"):
         Store(path).trace_rows("r")
     assert Store(path).get_step("r", "a#1") is not None  # nothing else is lost
+
+
+def test_records_are_encoded_as_json_dumps_would() -> None:
+    from nbagent._store import _to_json
+
+    for value in (
+        {"a": [1, 2.5, None, True, 'é\n"x"'], "b": {"c": float("nan"), 1: -0.0}},
+        {"path": Path("/tmp/x"), "big": 10**30, "inf": float("inf")},
+        [],
+        "text",
+        3.25,
+    ):
+        assert _to_json(value) == json.dumps(value, default=str)
