@@ -1289,7 +1289,7 @@ class StepLine:
         if self.html is not None:
             self._flush()
             self.html.layout.display = "none"
-        print(summary)
+        sys.stdout.write(summary + "\n")  # one write (print makes two)
 
     def __repr__(self) -> str:
         # the text/plain of the widget is frozen at display time: keep it stable for nbval

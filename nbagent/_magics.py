@@ -558,7 +558,7 @@ class NbagentExtension:
             if pending.line is not None:
                 pending.line.finish()  # prints the step's one-line summary
             elif not ex.replay:  # text only: the same summary, without a live line
-                print(_summary(ex, error))
+                sys.stdout.write(_summary(ex, error) + "\n")  # one write (print makes two)
 
     def _commit_in_cell(self) -> None:
         """Commit the step; the last statement of a step cell, so its errors fail the cell."""
