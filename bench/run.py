@@ -340,7 +340,8 @@ def report_steps(
     note += (
         f" Mean step overhead (first run): {means} — the mean includes the garbage collector "
         "and the store's write-ahead-log checkpoints (on a thread of their own, every 64 "
-        "commits; a step commit writes ~5 pages)."
+        "commits; a step commit writes ~4 pages, and its trace row and step count move to the trace "
+        "in batches of 64)."
     )
     if isinstance(db, str):
         note += f" DBOS failed: {db}."

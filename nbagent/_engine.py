@@ -760,12 +760,17 @@ class Run:
         """
         name = check_name("step", name)
         step_id = f"{name}#{occurrence}"
-        record = self.store.get_step(self.name, step_id) if step_id in self._stored() else None
+        record: dict[str, Any] | None = None
+        values: dict[str, bytes] = {}
+        if step_id in self._stored():
+            record, values = self.store.get_step_values(self.name, step_id)
         reason = _why_execute(record, source_hash, inputs, rerun, legacy_hash)
         if record is not None and reason is None:
-            return Execution(
+            ex = Execution(
                 self, name, occurrence, source_hash, inputs, record=record, cell_id=cell_id
             )
+            ex.values = values
+            return ex
 
         # n is None when the run has no step cap: the execution is counted when it ends
         # (with the commit, or by abort), so beginning it writes nothing
@@ -1035,6 +1040,8 @@ class Execution:
         #: the execution is not counted in the run's step count yet (no step cap at begin):
         #: commit or abort counts it
         self.uncounted = False
+        #: the stored small values of a replay, read with its record (signed blobs, by name)
+        self.values: dict[str, bytes] = {}
 
     # -- replay ---------------------------------------------------------------------------
 
@@ -1055,7 +1062,10 @@ class Execution:
         return " · ".join(parts)
 
     def load_value(self, name: str) -> Any:
-        payload = self.run.store.get_blob(f"{self.run.name}/{self.step_id}/{name}")
+        key = f"{self.run.name}/{self.step_id}/{name}"
+        raw = self.values.pop(name, None)
+        store = self.run.store
+        payload = store.verify_blob(key, raw) if raw is not None else store.get_blob(key)
         if payload is None:
             raise StoreError(
                 f"the stored value {name!r} of step {self.step_id!r} is missing from "

@@ -430,6 +430,11 @@ class PgStore(Store):
     def get_step(self, run: str, step_id: str) -> dict[str, Any] | None:
         return self._get_json(f"step/{run}/{step_id}")
 
+    def get_step_values(
+        self, run: str, step_id: str
+    ) -> tuple[dict[str, Any] | None, dict[str, bytes]]:
+        return self.get_step(run, step_id), {}  # values are read one by one
+
     def step_ids(self, run: str) -> list[str]:
         return list(self._get_json(f"steps/{run}") or [])
 

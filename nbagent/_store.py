@@ -18,7 +18,8 @@ Layout of a store directory (created private to the user, mode 0700)::
 Why tables beside diskcache's: a step commit writes its record, its small values,
 its trace row and the run's step count in one transaction, and the pages it
 writes are most of its cost; diskcache's table has two indexes and five triggers
-(over eight pages per step commit, four with ``records``). The trace is scanned
+(over eight pages per step commit; four with ``records``, the trace row and the
+count waiting as one more row, see Store.commit_step). The trace is scanned
 whole to build a DataFrame (100k rows in well under a second with one SQL
 query). diskcache keeps what it is best at: values in files, written before the
 row that names them, never rewritten in place. Writes are crash-safe: every
@@ -398,6 +399,7 @@ _DELETE = "DELETE FROM records WHERE key = ?"
 _DELETE_RANGE = "DELETE FROM records WHERE key >= ? AND key < ?"
 _RANGE_KEYS = "SELECT key FROM records WHERE key >= ? AND key < ? ORDER BY rowid"
 _PENDING = "SELECT key, value FROM records WHERE key >= ? AND key < ? ORDER BY rowid"
+_STEP_VALUES = "SELECT key, value FROM records WHERE key = ? OR (key >= ? AND key < ?)"
 _ANY_PENDING = "SELECT 1 FROM records WHERE key >= 'pend/' AND key < 'pend0' LIMIT 1"
 
 #: a process moves its ``pend/`` records (see Store.commit_step) at least every this many
@@ -454,7 +456,7 @@ class _Checkpointer:
 
     SQLite checkpoints inside whichever commit finds the log past 1,000 pages:
     copying the log into the database and syncing it takes milliseconds, which a
-    step or an LLM call would pay (a step's commit writes ~8 pages). nbagent's
+    step or an LLM call would pay (a step's commit writes ~4 pages). nbagent's
     connections turn that off (``_Cache._con``) and this thread checkpoints
     instead, after every 64 commits of this process and once a second while the
     log changes, as commits go on (SQLite lets writers append meanwhile). The
@@ -974,6 +976,18 @@ class Store:
             self._kv.set(key, blob, retry=True)
             self._rows(_DELETE, (key,))
 
+    def get_step_values(
+        self, run: str, step_id: str
+    ) -> tuple[dict[str, Any] | None, dict[str, bytes]]:
+        """The step's record and its small values (signed blobs, by name) with one SELECT:
+        a replay reads nothing else unless a value is large (a file). Check a value with
+        :meth:`verify_blob` before use."""
+        prefix = f"blob/{run}/{step_id}/"
+        key = f"step/{run}/{step_id}"
+        found = dict(self._rows(_STEP_VALUES, (key, *_range(prefix))))
+        record = self._as_dict(key, self._parse_json(key, found.pop(key, None)))
+        return record, {k[len(prefix) :]: v for k, v in found.items()}
+
     def get_blob(self, key: str) -> bytes | memoryview | None:
         """Verified payload; None if missing. Raises StoreError if tampered.
 
@@ -992,8 +1006,14 @@ class Store:
                 raw = self._read_file(filename)
             elif not (mode == diskcache.core.MODE_RAW and filename is None):
                 raw = self._kv.get(key)
+        return self.verify_blob(key[5:], raw)
+
+    def verify_blob(self, key: str, raw: Any) -> bytes | memoryview:
+        """The payload of the value ``key`` (``RUN/STEP/NAME``) kept as ``raw``; a StoreError
+        when this store's key did not sign it."""
         payload = self.verify(raw)
         if payload is None:
+            key = f"blob/{key}"
             raise StoreError(
                 f"the stored value {key!r} in {self.path} is not signed by this store's key "
                 "(it was changed by someone else, or the key under ~/.local/share/nbagent/keys "
