@@ -565,12 +565,35 @@ class _Versions:
 
 class _Known:
     """A run's step ids and run record as this process knows them, exact while the run's
-    versions counter is ``version`` (see _Versions). ``version`` is set last."""
+    versions counter is ``version`` (see _Versions). ``version`` is set last.
 
-    __slots__ = ("steps", "record", "version")
+    ``rows``: the record (JSON) and small values of steps this process committed, so
+    that running such a cell again replays it without a read (within _ROWS_BUDGET).
+    """
+
+    __slots__ = ("steps", "record", "version", "rows", "size")
 
     def __init__(self, steps: set[str], record: dict[str, Any] | None, version: int) -> None:
         self.steps, self.record, self.version = steps, record, version
+        self.rows: dict[str, tuple[str, dict[str, bytes]]] = {}
+        self.size = 0
+
+    def keep(self, step_id: str, rows: tuple[str, dict[str, bytes]] | None) -> None:
+        self.drop(step_id)
+        if rows is not None:
+            size = len(rows[0]) + sum(len(v) for v in rows[1].values())
+            if self.size + size <= _ROWS_BUDGET:
+                self.rows[step_id] = rows
+                self.size += size
+
+    def drop(self, step_id: str) -> None:
+        old = self.rows.pop(step_id, None)
+        if old is not None:
+            self.size -= len(old[0]) + sum(len(v) for v in old[1].values())
+
+
+#: bytes of step rows a process keeps per run to replay its own steps without a read
+_ROWS_BUDGET = 8 << 20
 
 
 class _Transaction:
@@ -882,8 +905,9 @@ class Store:
 
     def _changed(self, run: str, what: str, value: Any = None) -> None:
         """In a write transaction: the run's step or run records change. ``what``:
-        ``step+``/``step-`` (a step id committed/dropped), ``record`` (the run record
-        now), ``drop`` (the whole run). Applied to ``_known`` when the transaction commits."""
+        ``step+`` (a step committed: its id and rows, see _Known), ``step-`` (a step id
+        dropped), ``record`` (the run record now), ``drop`` (the whole run). Applied to
+        ``_known`` when the transaction commits."""
         self._changes.append((run, self._versions.bump(run), what, value))
 
     def _apply(self, changes: list[tuple[str, int | None, str, Any]]) -> None:
@@ -895,9 +919,12 @@ class Store:
                 del self._known[run]  # somebody else changed the run meanwhile: read it again
                 continue
             if what == "step+":
-                known.steps.add(value)
+                step_id, rows = value
+                known.steps.add(step_id)
+                known.keep(step_id, rows)
             elif what == "step-":
                 known.steps.discard(value)
+                known.drop(value)
             else:
                 known.record = value
             known.version = (before + 1) & 0xFFFF_FFFF_FFFF_FFFF
@@ -984,6 +1011,11 @@ class Store:
         :meth:`verify_blob` before use."""
         prefix = f"blob/{run}/{step_id}/"
         key = f"step/{run}/{step_id}"
+        known = self._known.get(run)
+        if known is not None and known.version == self._versions.get(run):
+            kept = known.rows.get(step_id)  # committed by this process, unchanged since
+            if kept is not None:
+                return self._as_dict(key, self._parse_json(key, kept[0])), dict(kept[1])
         found = dict(self._rows(_STEP_VALUES, (key, *_range(prefix))))
         record = self._as_dict(key, self._parse_json(key, found.pop(key, None)))
         return record, {k[len(prefix) :]: v for k, v in found.items()}
@@ -1253,6 +1285,11 @@ class Store:
                 else:
                     files[key] = blob
         rows[f"step/{run}/{step_id}"] = _to_json(record)
+        prefix = f"blob/{run}/{step_id}/"
+        kept = (
+            rows[f"step/{run}/{step_id}"],
+            {k[len(prefix) :]: v for k, v in rows.items() if k.startswith(prefix)},
+        )
         if trace is not None:  # the trace row and the count wait in the same statement
             values = trace_values(trace)
             row = {c: v for c, v in zip(TRACE_COLUMNS, values, strict=True) if v is not None}
@@ -1269,7 +1306,7 @@ class Store:
                 self._rows(_DELETE, (key,))  # an older, small value would hide the file
             if count:
                 self.incr(run, "steps")
-            self._changed(run, "step+", step_id)
+            self._changed(run, "step+", (step_id, kept))
         if trace is not None:
             self._own_pending += 1
             _deferring.add(self)  # moved at exit, if nothing moves it before

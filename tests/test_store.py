@@ -374,7 +374,8 @@ def test_tampered_blob_fails_a_replay_without_running_it(tmp_path: Path) -> None
     assert make() == [1, 2, 3]
     boom = tmp_path / "boom"
     run.store._put("blob/r/make#1/(return)", pickle.dumps(_Bomb(boom)))
-    again = nbagent.Run("r", store=tmp_path / "s")
+    # a new process (a Store object of its own: this one would replay the value it wrote)
+    again = nbagent.Run("r", store=Store(tmp_path / "s"))
     make2 = again.step("make")(make.__wrapped__)
     with pytest.raises(StoreError, match="--rerun"):
         make2()
@@ -750,6 +751,9 @@ _OTHER_PROCESS = textwrap.dedent(
         run.stop("stopped from another process")
     elif what == "reset a":
         run.reset(["a#1"])
+    elif what == "rerun a":
+        ex = run.begin("a", 1, "source of a", {}, rerun=True)
+        ex.commit({"made_by": "the other process"}, outputs=[], result=None)
     """
 )
 
@@ -924,3 +928,19 @@ def test_records_are_encoded_as_json_dumps_would() -> None:
         3.25,
     ):
         assert _to_json(value) == json.dumps(value, default=str)
+
+
+def test_a_replay_here_sees_a_step_another_process_ran_again(tmp_path: Path) -> None:
+    """This process committed step a (and could replay it from what it wrote); another
+    process runs it again with a new value; a replay here gives the new value."""
+    path = tmp_path / "s"
+    run = nbagent.Run("r", store=path)
+    run.begin("a", 1, "source of a", {}).commit(
+        {"made_by": "this process"}, outputs=[], result=None
+    )
+    ex = run.begin("a", 1, "source of a", {})
+    assert ex.replay and ex.load_value("made_by") == "this process"
+    ex.replayed()
+    _other_process(path, "rerun a")
+    ex = run.begin("a", 1, "source of a", {})
+    assert ex.replay and ex.load_value("made_by") == "the other process"
