@@ -30,11 +30,13 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import functools
 import html
 import os
 import shlex
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +124,8 @@ _step_parser: _Parser | None = None
 def parse_step_args(argv: list[str]) -> argparse.Namespace:
     """Parse ``%%step`` options; a bare NAME (the common case) skips argparse."""
     global _step_parser
-    if len(argv) == 1 and not argv[0].startswith("-"):
-        return argparse.Namespace(
+    if len(argv) == 1 and not argv[0].startswith("-"):  # (SimpleNamespace: made in C)
+        return types.SimpleNamespace(  # type: ignore[return-value]
             name=argv[0], retries=0, timeout=None, rerun=False, save=None, exclude=[], strict=False
         )
     if _step_parser is None:
@@ -239,8 +241,10 @@ def _raise(exc: ast.expr) -> ast.Raise:
     return ast.Raise(exc=exc, cause=None, **_HEADER_LINE)
 
 
+@functools.lru_cache(maxsize=8)
 def _call(attr: str) -> ast.Expr:
-    """``__nbagent__.<attr>()`` on the cell's first line."""
+    """``__nbagent__.<attr>()`` on the cell's first line (one node, shared by the cells:
+    compiling reads a tree and changes nothing, and no transformer runs after nbagent's)."""
     call = ast.Call(_nbagent_attr(attr, _HEADER_LINE), [], [], **_HEADER_LINE)
     return ast.Expr(call, **_HEADER_LINE)
 
@@ -253,11 +257,8 @@ def _one_node(body: list[ast.stmt]) -> list[ast.stmt]:
     if any(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in body):
         return body
     last = max((getattr(n, "end_lineno", None) or 1 for n in body), default=1)
-    test = ast.Constant(value=True)
-    block = ast.If(test=test, body=body, orelse=[], **_HEADER_LINE)
-    for node, end in ((test, 1), (block, last)):
-        node.lineno, node.col_offset, node.end_lineno, node.end_col_offset = 1, 0, end, 0
-    return [block]
+    test = ast.Constant(True, lineno=1, col_offset=0, end_lineno=1, end_col_offset=0)
+    return [ast.If(test, body, [], lineno=1, col_offset=0, end_lineno=last, end_col_offset=0)]
 
 
 class _Pending:
