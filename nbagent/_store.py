@@ -580,16 +580,18 @@ class _Known:
 
     def keep(self, step_id: str, rows: tuple[str, dict[str, bytes]] | None) -> None:
         self.drop(step_id)
-        if rows is not None:
-            size = len(rows[0]) + sum(len(v) for v in rows[1].values())
-            if self.size + size <= _ROWS_BUDGET:
-                self.rows[step_id] = rows
-                self.size += size
+        if rows is not None and self.size + _size(rows) <= _ROWS_BUDGET:
+            self.rows[step_id] = rows
+            self.size += _size(rows)
 
     def drop(self, step_id: str) -> None:
         old = self.rows.pop(step_id, None)
         if old is not None:
-            self.size -= len(old[0]) + sum(len(v) for v in old[1].values())
+            self.size -= _size(old)
+
+
+def _size(rows: tuple[str, dict[str, bytes]]) -> int:
+    return len(rows[0]) + sum(len(v) for v in rows[1].values())
 
 
 #: bytes of step rows a process keeps per run to replay its own steps without a read
