@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 from relkit import environ, notebook, stdout_of
 
+import nbagent
+
 pytestmark = pytest.mark.slow
 
 RACE = r"""
@@ -152,6 +154,59 @@ def test_processes_started_together_execute_the_step_once(race: tuple[Path, Path
     for out, err in outs:
         assert out.startswith(("RESULT 42", "LOCKED", "↺ replayed step")), (out, err)
     assert len(executions(gates)) == 1, executions(gates)
+
+
+MANY = r"""
+import os, random, sys, time
+from pathlib import Path
+import nbagent
+
+tag, folder, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+run = nbagent.Run("many", store=folder / "store")
+names = [f"s{i}" for i in range(steps)]
+random.Random(tag).shuffle(names)
+for name in names:
+    while True:
+        try:
+            ex = run.begin(name, 1, "the same source", {})
+        except nbagent.StepLockedError:
+            time.sleep(0.0005)  # the other process is executing it: it will be a replay
+            continue
+        break
+    if ex.replay:
+        assert ex.load_value("by") is not None
+        ex.replayed()
+        continue
+    with open(folder / "exec.txt", "a") as f:  # one write per line: O_APPEND, whole lines
+        f.write(f"{name} {tag}\n")
+    ex.commit({"by": tag}, outputs=[], result=None)
+print("DONE", run.steps_executed, flush=True)
+"""
+
+
+def test_processes_racing_through_many_steps_execute_each_once(tmp_path: Path) -> None:
+    """Three processes run the same 120 steps of one run, each in its own random order:
+    every step runs once, and every later begin replays it (a process that knows the run
+    begins steps without a read until another process commits; see Store.begin_step)."""
+    script = tmp_path / "many.py"
+    script.write_text(MANY)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), tag, str(tmp_path), "120"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for tag in ("p1", "p2", "p3")
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0 and out.startswith("DONE"), (out, err)
+    lines = (tmp_path / "exec.txt").read_text().splitlines()
+    ran = [line.split()[0] for line in lines]
+    twice = [line for line in lines if ran.count(line.split()[0]) > 1]
+    assert sorted(ran) == sorted(f"s{i}" for i in range(120)), f"ran twice or never: {twice}"
+    assert nbagent.Run("many", store=tmp_path / "store").steps_executed == 120
 
 
 # -- two kernels -----------------------------------------------------------------------------
