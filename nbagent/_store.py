@@ -1029,27 +1029,26 @@ class Store:
         straight into a bytearray (not through diskcache), so a large payload
         comes back as a writable view of it.
         """
-        key = f"blob/{key}"
-        raw = self._raw(key)
+        full = f"blob/{key}"
+        raw = self._raw(full)
         if raw is None:
-            rows = self._rows(_SELECT_FILE, (key,))
+            rows = self._rows(_SELECT_FILE, (full,))
             if not rows:
                 return None
             mode, filename, raw = rows[0]
             if filename is not None and mode == diskcache.core.MODE_BINARY:
                 raw = self._read_file(filename)
             elif not (mode == diskcache.core.MODE_RAW and filename is None):
-                raw = self._kv.get(key)
-        return self.verify_blob(key[5:], raw)
+                raw = self._kv.get(full)
+        return self.verify_blob(key, raw)
 
     def verify_blob(self, key: str, raw: Any) -> bytes | memoryview:
         """The payload of the value ``key`` (``RUN/STEP/NAME``) kept as ``raw``; a StoreError
         when this store's key did not sign it."""
         payload = self.verify(raw)
         if payload is None:
-            key = f"blob/{key}"
             raise StoreError(
-                f"the stored value {key!r} in {self.path} is not signed by this store's key "
+                f"the stored value 'blob/{key}' in {self.path} is not signed by this store's key "
                 "(it was changed by someone else, or the key under ~/.local/share/nbagent/keys "
                 "is missing). It was not loaded. Re-run the step with --rerun to store it again."
             )
