@@ -631,6 +631,9 @@ class PgStore(Store):
     def delete_trace(self, run: str) -> None:
         self._conn().execute(f"DELETE FROM {self._t['trace']} WHERE run = %s", (run,))
 
+    def flush(self) -> None:
+        """Nothing waits here: every write reaches PostgreSQL when it is made."""
+
     def close(self) -> None:
         """Close every connection (frees the step locks this process held)."""
         self._after_fork()

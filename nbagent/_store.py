@@ -58,6 +58,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 import weakref
 import zlib
 from pathlib import Path
@@ -67,6 +68,8 @@ import blake3
 import diskcache
 
 from ._errors import StepLockedError, StoreError, StoreFormatError
+from ._steplog import HEADER as _LOG_EMPTY
+from ._steplog import StepLog
 
 #: Version of the on-disk layout. Bump it (and keep a fixture of the old
 #: layout under tests/) when a key or a record changes shape. Older stores are
@@ -81,7 +84,9 @@ from ._errors import StepLockedError, StoreError, StoreFormatError
 #: diskcache's ``Cache``; the trace's ``seq`` is a plain rowid (no AUTOINCREMENT).
 #: 5: writers of step and run records count them in ``cache.db-versions`` (see _Versions);
 #: a step's trace row and step count may wait as a ``pend/`` record (see Store.commit_step).
-FORMAT_VERSION = 5
+#: 6: a step's commit may wait in ``cache.db-steplog`` (see _steplog); the records table
+#: holds where its moves got to (``log/folded``).
+FORMAT_VERSION = 6
 
 #: Money is kept as integer nano-dollars so counters can be incremented
 #: atomically by diskcache (which only increments integers).
@@ -450,6 +455,11 @@ def _range(prefix: str) -> tuple[str, str]:
 #: at most this many rows per multi-row upsert (SQLite allows 32766 parameters)
 _UPSERT_BATCH = 500
 
+#: the records row saying how far the step log was moved into SQLite: [generation, end]
+_LOG_FOLDED = "log/folded"
+#: the log moves into SQLite by the next commit once it holds this many bytes
+_LOG_BATCH_BYTES = 1 << 20
+
 
 class _Checkpointer:
     """SQLite's write-ahead-log checkpoints for one store, on a thread of their own.
@@ -514,9 +524,11 @@ class _Versions:
     ``STORE/cache.db-versions`` is 4 KB mapped into every process that opens the
     store: 512 counters, a run's is ``crc32(run) % 512`` (runs sharing one only cost
     reads). Whoever writes a run's step or run records adds 1 to its counter inside
-    the write transaction, before COMMIT; writers are serialized by SQLite's write
-    lock, so no increment is lost. A process that knows a run's records as of
-    counter value V (read or written while it held the write lock) still knows them
+    the write transaction, before COMMIT, or after its append to the step log
+    (see _steplog); every increment is made holding the step log's lock (a
+    transaction's too: SQLite's lock first, then the log's), so none is lost. A
+    process that knows a run's records as of counter value V (read while it held
+    SQLite's write lock, after moving the step log in) still knows them
     while the counter is V, and ``Store.begin_step`` skips its read. A writer killed
     before its COMMIT leaves an increment without a change: readers just read again.
     Without the file (a read-only folder, a file system without shared maps) every
@@ -621,33 +633,44 @@ class _Transaction:
             return  # nested: the outer one commits
         while True:
             try:
-                self.store._rows("BEGIN IMMEDIATE", ())
+                self.store._exec("BEGIN IMMEDIATE", ())
                 break
             except sqlite3.OperationalError as e:  # busy past the timeout: another writer
                 if "locked" not in str(e) and "busy" not in str(e):
                     raise
         kv._txn_id = tid
         self.began = True
+        log = self.store._log
+        if log is not None and log.pending():
+            try:  # steps committed to the log come first (see _steplog)
+                self.store._fold()
+            except BaseException:
+                self.__exit__(*sys.exc_info())
+                raise
 
     def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
         if not self.began:
             return
-        self.store._kv._txn_id = None
-        changes, self.store._changes = self.store._changes, []
+        store = self.store
+        store._kv._txn_id = None
+        changes, store._changes = store._changes, []
+        folded, store._folded = store._folded, None
         if et is None:
             try:
-                self.store._rows("COMMIT", ())
+                store._exec("COMMIT", ())
             except BaseException:  # e.g. a full disk: nothing of it is kept
                 with contextlib.suppress(sqlite3.Error, StoreError):
-                    self.store._rows("ROLLBACK", ())
-                self.store._forget(changes)
+                    store._exec("ROLLBACK", ())
+                store._forget(changes)
                 raise
-            self.store._checkpointer.committed()
-            self.store._apply(changes)
+            store._checkpointer.committed()
+            store._apply(changes)
+            if folded is not None and store._log is not None:
+                store._log.restart(*folded)
             return
         with contextlib.suppress(sqlite3.Error, StoreError):
-            self.store._rows("ROLLBACK", ())
-        self.store._forget(changes)
+            store._exec("ROLLBACK", ())
+        store._forget(changes)
 
 
 class Store:
@@ -655,6 +678,10 @@ class Store:
 
     :param directory: folder of the store; created (mode 0700) if missing.
     """
+
+    _log: StepLog | None = None  # see _steplog (None: steps commit to SQLite)
+    _logged = 0  # entries this object appended to the log since it last moved it
+    _folded: tuple[int, int] | None = None  # (generation, end) the transaction moved
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.path = Path(directory).expanduser().resolve()
@@ -698,6 +725,11 @@ class Store:
             self.id = self._kv.get("meta/id")
         self._key = self._signing_key()
         self._min_file_size: int = self._kv._disk.min_file_size
+        if self._versions.counters is not None:  # the log's readers rely on the counters
+            try:
+                self._log = StepLog(self.path / "cache.db-steplog")
+            except (OSError, ValueError):
+                self._log = None  # e.g. no shared maps: steps commit to SQLite, as before
         # named like diskcache's own files, so Cache.check() neither reports nor deletes it
         self._lock_file = str(self.path / "cache.db-locks")
         #: trace rows written later (``add_trace(defer=True)``: replays), in order
@@ -730,6 +762,8 @@ class Store:
         All in one transaction that also raises the version (an older nbagent refuses
         the upgraded store):
 
+        5 -> 6: nothing moves (steps may wait in ``cache.db-steplog`` from now on, which
+        older nbagent would not read).
         4 -> 5: nothing moves (writers count their changes in ``cache.db-versions``
         from now on, and steps may leave ``pend/`` records; the format keeps older
         nbagent, which does neither, from writing).
@@ -838,6 +872,19 @@ class Store:
     # Records are read and written with one SQL statement each (see _RECORDS_SCHEMA).
 
     def _rows(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        """Run one statement and fetch its rows (steps waiting in the step log are moved
+        into SQLite first, so that no read misses them); see _exec."""
+        log = self._log
+        if (
+            log is not None
+            and log.head[2] != _LOG_EMPTY
+            and self._kv._txn_id != threading.get_ident()
+        ):
+            with self.transaction():  # it moves them (a transaction moves them first)
+                pass
+        return self._exec(sql, args)
+
+    def _exec(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
         """Run one statement and fetch its rows; disk and damage failures are StoreErrors.
 
         The connection is diskcache's for this thread, kept here: diskcache's
@@ -910,7 +957,40 @@ class Store:
         ``step+`` (a step committed: its id and rows, see _Known), ``step-`` (a step id
         dropped), ``record`` (the run record now), ``drop`` (the whole run). Applied to
         ``_known`` when the transaction commits."""
-        self._changes.append((run, self._versions.bump(run), what, value))
+        if self._log is None:
+            self._changes.append((run, self._versions.bump(run), what, value))
+            return
+        with self._log.locked():  # the log's appenders count changes too, without SQLite's lock
+            self._changes.append((run, self._versions.bump(run), what, value))
+
+    def _fold(self) -> None:
+        """In a write transaction: move the step log's entries into SQLite (see _steplog).
+
+        Where the moves got to is a record of the same transaction (``log/folded``), so a
+        process killed after this COMMIT and before the log restarts moves nothing twice.
+        """
+        assert self._log is not None
+        done = self._parse_json(_LOG_FOLDED, self._raw(_LOG_FOLDED))
+        generation, _ = self._log.head[1], self._log.head[2]
+        start = (
+            done[1] if isinstance(done, list) and len(done) == 2 and done[0] == generation else 0
+        )
+        generation, end, entries, damaged = self._log.read(start)
+        if damaged:
+            warnings.warn(
+                f"nbagent: the step log of the store at {self.path} has a damaged entry (after "
+                "a power loss or a disk error?); steps committed from it on will run again.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        rows: dict[str, Any] = {}
+        for entry in entries:  # in commit order; a step committed twice keeps its last rows
+            rows.update(entry)
+        if rows:
+            self._put_many(rows)
+        self._exec(_put_many(1), (_LOG_FOLDED, _to_json([generation, end])))
+        self._folded = (generation, end)
+        self._logged = 0
 
     def _apply(self, changes: list[tuple[str, int | None, str, Any]]) -> None:
         for run, before, what, value in changes:
@@ -951,6 +1031,8 @@ class Store:
         new run is known from the start, at the cost of one empty range query)."""
         version = self._versions.get(run)
         if version is not None:
+            if self._log is not None and self._log.pending():
+                self._fold()  # steps logged before the counter was read are in what is read
             self._known[run] = _Known(set(self.step_ids(run)), self.get_run(run), version)
 
     def _mac(self, payload: bytes | memoryview) -> bytes:
@@ -1255,15 +1337,21 @@ class Store:
         trace: dict[str, Any] | None = None,
         count: bool = False,
     ) -> None:
-        """Store a finished step in one transaction, then release its lock.
+        """Store a finished step atomically, then release its lock.
+
+        The step's rows (record, small values, trace row) are one append to the step
+        log (see _steplog) when the store has one and nothing else must be written
+        with them (values kept in files, a count without a trace row, an earlier
+        record to read, 64 entries or 1 MB already logged): they move into SQLite with
+        the next write transaction or read. Otherwise they are one SQLite transaction.
 
         ``previous`` is the step's record before this execution (None for a new
         step) as the caller read it under the step's lock; by default it is read
         here. ``trace`` is the step's trace row, committed with the record (so a
         committed step always has its trace row): it and the step count wait as one
-        ``pend/`` record, a row of the same statement as the record (the trace table,
-        its index and the counter would be three more B-tree pages and two statements
-        per commit). They move to the trace and the counter in batches
+        ``pend/`` record, a row of the same statement (or entry) as the record (the
+        trace table, its index and the counter would be three more B-tree pages and
+        two statements per commit). They move to the trace and the counter in batches
         (:meth:`_move_pending`), before this process writes another trace row and
         whenever the trace or the step count is read, so readers never miss them and
         a crash loses nothing. Large value blobs are written first, outside the transaction (so
@@ -1296,6 +1384,50 @@ class Store:
             row = {c: v for c, v in zip(TRACE_COLUMNS, values, strict=True) if v is not None}
             rows[next(self._pending_keys)] = _to_json([row, run, int(count)])
             count = False
+        log = self._log
+        if (
+            log is not None
+            and not files
+            and not count
+            and previous is not UNREAD
+            and not self._deferred
+            and self._own_pending < _PENDING_BATCH
+            and self._logged < _PENDING_BATCH
+            and log.head[2] < _LOG_BATCH_BYTES
+        ):  # one append to the step log (see _steplog); SQLite gets it in a later batch
+            try:
+                with log.locked():
+                    log.append(rows)
+                    before = self._versions.bump(run)
+            except OSError as e:
+                raise store_error(e, self.path) from e
+            self._logged += 1
+            _deferring.add(self)  # the log moves into SQLite at exit, if nothing moves it before
+            self._apply([(run, before, "step+", (step_id, kept))])
+            old = previous or {}
+        else:
+            old = self._commit_rows(run, step_id, rows, files, previous, count, kept)
+        if trace is not None:
+            self._own_pending += 1
+            _deferring.add(self)  # moved at exit, if nothing moves it before
+        self.release_lock(run, step_id)  # after the commit: the next holder sees the record
+        saved_before = old.get("saved", [])
+        for name in set(saved_before) - set(blobs):
+            self.delete_blob(f"{run}/{step_id}/{name}")
+        if saved_before:  # files of older values now kept as records
+            self._delete_files([k for k in rows if k.startswith("blob/")])
+
+    def _commit_rows(
+        self,
+        run: str,
+        step_id: str,
+        rows: dict[str, str | bytes],
+        files: dict[str, bytes | None],
+        previous: Any,
+        count: bool,
+        kept: Any,
+    ) -> dict[str, Any]:
+        """commit_step's SQLite transaction; returns the step's record before it."""
         with self.transaction():
             old = (self.get_step(run, step_id) if previous is UNREAD else previous) or {}
             if self._deferred or self._own_pending >= _PENDING_BATCH:
@@ -1308,15 +1440,7 @@ class Store:
             if count:
                 self.incr(run, "steps")
             self._changed(run, "step+", (step_id, kept))
-        if trace is not None:
-            self._own_pending += 1
-            _deferring.add(self)  # moved at exit, if nothing moves it before
-        self.release_lock(run, step_id)  # after the commit: the next holder sees the record
-        saved_before = old.get("saved", [])
-        for name in set(saved_before) - set(blobs):
-            self.delete_blob(f"{run}/{step_id}/{name}")
-        if saved_before:  # files of older values now kept as records
-            self._delete_files([k for k in rows if k.startswith("blob/")])
+        return old
 
     def drop_step(self, run: str, step_id: str) -> bool:
         try:
@@ -1523,15 +1647,27 @@ class Store:
         self._flush_trace(everyone=True)
         self._rows("DELETE FROM trace WHERE run = ?", (run,))
 
+    def flush(self) -> None:
+        """Move what waits into SQLite: the step log (see _steplog), then the trace rows
+        and step counts waiting as ``pend/`` records, and the deferred trace rows.
+        Reads do it when they need to; ``close`` and the process's exit do it too."""
+        self._flush_trace(everyone=True)
+        if self._log is not None and self._log.pending():
+            with self.transaction():  # a transaction moves the log first
+                pass
+
     def close(self) -> None:
-        if self._deferred:
+        if self._deferred or self._logged or self._own_pending:
             with contextlib.suppress(Exception):
-                self._flush_trace()
+                self.flush()
         self._checkpointer.stop()
         self._kv.close()
         self._tls = threading.local()
         self._known.clear()
         self._versions.close()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
 
 #: stores holding deferred trace rows; written when the process exits
@@ -1542,7 +1678,7 @@ _deferring: set[Store] = set()
 def _flush_deferred_traces() -> None:
     for store in list(_deferring):
         with contextlib.suppress(Exception):
-            store._flush_trace()
+            store.flush()
 
 
 #: every Store of this process, for _forget_connections
@@ -1555,6 +1691,8 @@ def _forget_connections() -> None:
         store._tls = threading.local()
         store._changes = []  # another thread's transaction, if any, is the parent's
         store._pending_keys = _pending_keys()
+        if store._log is not None:
+            store._log.reopen()
 
 
 os.register_at_fork(after_in_child=_forget_connections)

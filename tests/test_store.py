@@ -906,6 +906,7 @@ def test_a_damaged_waiting_row_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "s"
     run = nbagent.Run("r", store=path)
     run.begin("a", 1, "h", {}).commit({}, outputs=[], result=None)
+    assert run.store.get_step("r", "a#1") is not None  # a read moves the step log into SQLite
     raw = sqlite3.connect(path / "cache.db")
     with raw:
         raw.execute(

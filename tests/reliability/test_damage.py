@@ -104,6 +104,7 @@ def store(tmp_path: Path) -> Path:
     path = tmp_path / "store"
     out, calls = run_all(path)
     assert out == EXPECTED and calls == ["small", "large", "effect", "charge"]
+    fresh_stores()  # closed, as when the process ends: everything is in cache.db
     return path
 
 
