@@ -93,11 +93,16 @@ class StepLog:
             raise OSError(28, "No space left on device (short write)")
         self.head[2] = end + len(data)
 
-    def read(self, start: int) -> tuple[int, int, list[dict[str, Any]], bool]:
-        """``(generation, end, entries from start, damaged)``. ``damaged``: an entry
-        failed its check (a power loss, a damaged disk): entries from it on are left out."""
-        generation, end = self.head[1], self.head[2]
-        start = max(start, HEADER)
+    def read(self, done: Any) -> tuple[int, int, list[dict[str, Any]], bool]:
+        """``(generation, end, entries, damaged)``: the entries after ``done``, the
+        ``[generation, end]`` an earlier fold got to (if of this generation). ``damaged``:
+        an entry failed its check (a power loss, a damaged disk): it and the entries
+        after it are left out."""
+        with self.locked():  # the header as one: a restart writes both words
+            generation, end = self.head[1], self.head[2]
+        start = HEADER
+        if isinstance(done, list) and len(done) == 2 and done[0] == generation:
+            start = max(int(done[1]), HEADER)
         data = os.pread(self.fd, end - start, start) if end > start else b""
         entries: list[dict[str, Any]] = []
         at = 0

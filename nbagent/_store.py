@@ -971,11 +971,7 @@ class Store:
         """
         assert self._log is not None
         done = self._parse_json(_LOG_FOLDED, self._raw(_LOG_FOLDED))
-        generation, _ = self._log.head[1], self._log.head[2]
-        start = (
-            done[1] if isinstance(done, list) and len(done) == 2 and done[0] == generation else 0
-        )
-        generation, end, entries, damaged = self._log.read(start)
+        generation, end, entries, damaged = self._log.read(done)
         if damaged:
             warnings.warn(
                 f"nbagent: the step log of the store at {self.path} has a damaged entry (after "
