@@ -12,7 +12,8 @@ Kill points (``REL_KILL=kind:n``: SIGKILL this process at the n-th event of that
     ledger  inside the transaction that settles a call and writes its ledger entry
     effect  the charge was made, nbagent has not recorded its outcome yet
     body    a checkpoint inside a step body (after its LLM calls)
-    commit  inside the transaction that commits a step record
+    commit  before a step's entry is appended to the step log, or inside a transaction
+            that writes step records (a step's commit, or the step log moving into SQLite)
 
 Every kill appends ``kind:n`` to ``REL_KILLED`` first, so the test knows where it died.
 """
@@ -44,7 +45,7 @@ PRELUDE = r'''
 import json, os, sys
 import httpx2
 import nbagent
-from nbagent import _store
+from nbagent import _steplog, _store
 from nbagent._client import openai_client
 from nbagent._simulator import SimulatedLLM
 
@@ -92,8 +93,17 @@ def put_many(self, items, *args, **kwargs):
     return _put_many(self, items, *args, **kwargs)
 
 
+_append = _steplog.StepLog.append
+
+
+def append(self, rows):
+    point("commit")  # the step's commit, before its entry is in the log
+    return _append(self, rows)
+
+
 _store.Store.set_record = set_record
 _store.Store._put_many = put_many
+_steplog.StepLog.append = append
 
 client = openai_client(
     api_key=_E.get("REL_API_KEY", "sk-test-key-0000"),
