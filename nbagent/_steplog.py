@@ -41,14 +41,14 @@ from pathlib import Path
 from typing import Any
 
 HEADER = 4096
-MAGIC = 0x314C5053_4142_4E  # "NBAPSL1", the header's first word
+MAGIC = int.from_bytes(b"NBALOG01", "little")  # the header's first word
 _ENTRY = struct.Struct("<II")  # payload length, crc32 of the payload
 _RESET_SIZE = 1 << 20  # a log grown past this is also cut back on disk when it restarts
 
 
 class StepLog:
-    """The step log of one store (see the module's doc). ``None`` of it is shared
-    with SQLite: its lock is its own, taken after SQLite's when both are held."""
+    """The step log of one store (see the module's doc). Its lock is its own; a process
+    that holds both takes SQLite's write lock first."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
