@@ -45,6 +45,7 @@ import fcntl
 import functools
 import hashlib
 import hmac
+import io
 import itertools
 import json
 import json.encoder
@@ -128,6 +129,11 @@ class _NoPickleDisk(diskcache.Disk):
             raise store_error(e, self._directory) from e
 
     def _write(self, full_path: str, iterator: Any, mode: str, encoding: Any = None) -> Any:
+        if isinstance(iterator, io.BytesIO | io.StringIO):
+            # diskcache passes a value as BytesIO and iterates it, which splits it at every
+            # b"\n": ~300,000 writes per 100 MB of pickled floats. One write instead (getvalue
+            # returns the bytes the BytesIO was made from, no copy).
+            iterator = (iterator.getvalue(),)
         try:
             return super()._write(full_path, iterator, mode, encoding)
         except OSError:  # e.g. a full disk: do not leave half a value file taking space
