@@ -561,7 +561,7 @@ class _Core:
         try:
             store = call.run.store
             refusal: NbagentError | None = None
-            with store.transaction():
+            with store.transaction(fold=False):  # see Run.reserve
                 # a refusal is caught inside: the transaction then commits the cap and alert
                 # rows the run wrote for it (an exception would roll them back)
                 try:
@@ -749,7 +749,7 @@ class _Core:
             error = f"ToolValidationError: {problem}"
             error += " (re-sent once with the error fed back)" if retry else " (returned as is)"
         text = content.decode("utf-8", "replace")
-        with call.run.store.transaction():  # one commit: the settlement, the ledger, the row
+        with call.run.store.batch():  # one commit: the settlement, the ledger, the row
             self.settle(call, cost)  # no usage reported: billed at the reservation
             if not retry:
                 self.write_ledger(call, response, content, usage, cost, text)
@@ -997,7 +997,7 @@ class _StreamTee:
             else:
                 cost = call.reservation / NANO  # the upper bound: the server may have billed it
             complete = self.done and self.error is None
-            with call.run.store.transaction():
+            with call.run.store.batch():  # one commit: the settlement and the ledger
                 core.settle(call, cost)
                 if complete:
                     core.write_ledger(

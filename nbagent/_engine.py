@@ -461,40 +461,13 @@ class Run:
         """
         worst = max(0, math.ceil(worst_usd * NANO))
         store = self.store
-        with store.transaction():
-            # the run record (stop switch, caps) and the counters: one read
-            rec, counts = store.run_state(self.name, ("spend_nusd", "reserved_nusd", "llm_calls"))
-            _raise_if_stopped(self.name, rec)
-            caps = rec.get("caps") or {}
-            spent, reserved, calls = (
-                counts["spend_nusd"],
-                counts["reserved_nusd"],
-                counts["llm_calls"],
-            )
-            refusal: CapExceeded | None = None
-            if caps.get("llm_calls") is not None and calls + 1 > caps["llm_calls"]:
-                refusal = StepCapExceeded(
-                    f"LLM call cap reached: run {self.name!r} made {calls} of its "
-                    f"max_llm_calls={caps['llm_calls']} calls — possible loop: {what} was not sent. "
-                    "Raise the cap on purpose with `%nbagent cap --llm-calls N` or "
-                    "run.set_cap(llm_calls=N)."
-                )
-                cap_name = "max_llm_calls"
-            elif caps.get("usd") is not None and spent + reserved + worst > math.floor(
-                caps["usd"] * NANO
-            ):
-                refusal = CostCapExceeded(
-                    f"cost cap: run {self.name!r} has spent {format_usd(spent / NANO)}"
-                    + (
-                        f" (+{format_usd(reserved / NANO)} reserved by calls in flight)"
-                        if reserved
-                        else ""
-                    )
-                    + f" of its {format_usd(caps['usd'])} cap, and {what} could cost up to "
-                    f"{format_usd(worst / NANO)}, so it was not sent. Raise the cap on purpose with "
-                    "`%nbagent cap --usd X` or run.set_cap(usd=X), or lower max_tokens."
-                )
-                cap_name = "max_cost_usd"
+        # fold=False: settlements waiting in the step log are not moved in first; they only
+        # make spend + reserved look larger, so a call that passes here passes exactly, and
+        # one that would be refused is checked again after moving them (see move_log)
+        with store.transaction(fold=False):
+            refusal, cap_name = self._check_caps(worst, what)
+            if refusal is not None and store.move_log():
+                refusal, cap_name = self._check_caps(worst, what)
             if refusal is None:
                 counts = store.incr_many(
                     self.name,
@@ -521,8 +494,40 @@ class Run:
             raise refusal
         return worst
 
-    def settle(self, reservation: int, actual_usd: float) -> float:
-        """Replace a reservation by the call's real cost; returns the run's new spend.
+    def _check_caps(self, worst: int, what: str) -> tuple[CapExceeded | None, str]:
+        """In a transaction: (the refusal of a call of worst case ``worst`` nano-dollars,
+        or None; the cap's name). Raises when the run is stopped."""
+        # the run record (stop switch, caps) and the counters: one read
+        rec, counts = self.store.run_state(self.name, ("spend_nusd", "reserved_nusd", "llm_calls"))
+        _raise_if_stopped(self.name, rec)
+        caps = rec.get("caps") or {}
+        spent, reserved, calls = counts["spend_nusd"], counts["reserved_nusd"], counts["llm_calls"]
+        if caps.get("llm_calls") is not None and calls + 1 > caps["llm_calls"]:
+            return StepCapExceeded(
+                f"LLM call cap reached: run {self.name!r} made {calls} of its "
+                f"max_llm_calls={caps['llm_calls']} calls — possible loop: {what} was not sent. "
+                "Raise the cap on purpose with `%nbagent cap --llm-calls N` or "
+                "run.set_cap(llm_calls=N)."
+            ), "max_llm_calls"
+        if caps.get("usd") is not None and spent + reserved + worst > math.floor(
+            caps["usd"] * NANO
+        ):
+            return CostCapExceeded(
+                f"cost cap: run {self.name!r} has spent {format_usd(spent / NANO)}"
+                + (
+                    f" (+{format_usd(reserved / NANO)} reserved by calls in flight)"
+                    if reserved
+                    else ""
+                )
+                + f" of its {format_usd(caps['usd'])} cap, and {what} could cost up to "
+                f"{format_usd(worst / NANO)}, so it was not sent. Raise the cap on purpose with "
+                "`%nbagent cap --usd X` or run.set_cap(usd=X), or lower max_tokens."
+            ), "max_cost_usd"
+        return None, ""
+
+    def settle(self, reservation: int, actual_usd: float) -> None:
+        """Replace a reservation by the call's real cost (atomically: one statement, or
+        one entry of the store's batch when called inside one).
 
         The reservation must be a true worst case (prompt *bytes* bound its
         tokens from above; ``max_tokens`` or the model's output limit bounds
@@ -530,16 +535,12 @@ class Run:
         above the cap. The real cost is recorded as it is, never clamped.
         """
         actual = max(0, math.ceil(actual_usd * NANO))
-        with self.store.transaction():
-            counts = self.store.incr_many(
-                self.name,
-                {
-                    "reserved_nusd": -reservation,
-                    self._owner_counter(): -reservation,
-                    "spend_nusd": actual,
-                },
-            )
-        return counts["spend_nusd"] / NANO
+        owner = self._owner_counter()
+        # no read back: inside the store's batch() (an LLM call's settlement, ledger record
+        # and trace row) this is part of one step-log entry
+        self.store.incr_blind(
+            self.name, {"reserved_nusd": -reservation, owner: -reservation, "spend_nusd": actual}
+        )
 
     # Reservations are also counted per process, so that the reservation of a call
     # in flight when its process was killed can be given back: it was never settled.

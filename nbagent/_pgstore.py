@@ -310,12 +310,13 @@ class PgStore(Store):
             conn.execute(f"DELETE FROM {self._t['kv']} WHERE key = %s", (key,))
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, fold: bool = True) -> Iterator[None]:
         """One atomic read-modify-write across processes and machines.
 
         A database transaction holding ``pg_advisory_xact_lock`` on the store's
         key: it excludes every other transaction and write of this store
-        until it commits. Nested calls join the outer transaction.
+        until it commits. Nested calls join the outer transaction. (``fold``: this
+        store has no step log; see Store.transaction.)
         """
         st = self._state
         if st.depth:
@@ -633,6 +634,18 @@ class PgStore(Store):
 
     def flush(self) -> None:
         """Nothing waits here: every write reaches PostgreSQL when it is made."""
+
+    def move_log(self) -> bool:
+        return False  # no step log
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """One transaction (PostgreSQL commits are what this store has)."""
+        with self.transaction():
+            yield
+
+    def incr_blind(self, run: str, deltas: dict[str, int]) -> None:
+        self.incr_many(run, deltas)
 
     def close(self) -> None:
         """Close every connection (frees the step locks this process held)."""

@@ -62,6 +62,7 @@ import uuid
 import warnings
 import weakref
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -627,11 +628,12 @@ class _Transaction:
     or full store is a StoreError at once (diskcache would retry for ever).
     """
 
-    __slots__ = ("store", "began")
+    __slots__ = ("store", "began", "fold")
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, fold: bool = True) -> None:
         self.store = store
         self.began = False
+        self.fold = fold
 
     def __enter__(self) -> None:
         kv, tid = self.store._kv, threading.get_ident()
@@ -647,7 +649,7 @@ class _Transaction:
         kv._txn_id = tid
         self.began = True
         log = self.store._log
-        if log is not None and log.pending():
+        if self.fold and log is not None and log.pending():
             try:  # steps committed to the log come first (see _steplog)
                 self.store._fold()
             except BaseException:
@@ -688,6 +690,8 @@ class Store:
     _log: StepLog | None = None  # see _steplog (None: steps commit to SQLite)
     _logged = 0  # entries this object appended to the log since it last moved it
     _folded: tuple[int, int] | None = None  # (generation, end) the transaction moved
+    _mine: set[str] | None = None  # keys of the log's entries when all are this object's
+    _mine_at: tuple[int, int] = (0, 0)  # the log's (generation, end) after its last append
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.path = Path(directory).expanduser().resolve()
@@ -916,7 +920,10 @@ class Store:
         return dict(self._rows(_get_many(len(keys)), keys))
 
     def _raw(self, key: str) -> Any:
-        rows = self._rows(_GET, (key,))
+        if self._only_mine(key):  # what waits in the log is this object's, and not this key
+            rows = self._exec(_GET, (key,))
+        else:
+            rows = self._rows(_GET, (key,))
         return rows[0][0] if rows else None
 
     def _put(self, key: str, value: str | bytes | int) -> None:
@@ -947,12 +954,62 @@ class Store:
     def _set_json(self, key: str, value: Any) -> None:
         self._put(key, _to_json(value))
 
-    def transaction(self) -> contextlib.AbstractContextManager[None]:
+    def transaction(self, fold: bool = True) -> contextlib.AbstractContextManager[None]:
         """One atomic read-modify-write across processes (SQLite BEGIN IMMEDIATE).
 
         Nests, in this thread, with itself and with diskcache's own transactions.
+        It moves the step log into SQLite first, unless ``fold=False``: for a
+        transaction that only adds to counters and reads the run record and counters
+        (an LLM call's reservation). What waits in the log commutes with that, and
+        only makes spend + reserved look larger (a settlement waiting there gives
+        back more reservation than it spends); see :meth:`move_log`.
         """
-        return _Transaction(self)
+        return _Transaction(self, fold)
+
+    def move_log(self) -> bool:
+        """In a transaction: move the step log into SQLite now (for a transaction begun
+        with ``fold=False`` that needs exact counters); False when nothing waited."""
+        log = self._log
+        if log is None or not log.pending() or self._folded == (log.head[1], log.head[2]):
+            return False
+        self._fold()
+        return True
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Writes that read nothing back, committed together (all or none) at the end.
+
+        :meth:`set_record`, :meth:`incr_blind` and :meth:`add_trace` made in this
+        thread inside it are collected and written as one step-log entry when the
+        store has a log (an LLM call's settlement, ledger record and trace row: no
+        SQLite transaction on the call's path), else in one transaction. Other writes
+        inside it go to SQLite at once. An inner batch joins the outer one; an
+        exception inside discards the batch.
+        """
+        if getattr(self._tls, "batch", None) is not None:
+            yield
+            return
+        rows: dict[str, Any] = {}
+        self._tls.batch = rows
+        try:
+            yield
+        finally:
+            self._tls.batch = None
+        if rows:
+            self._write_batch(rows)
+
+    def _write_batch(self, rows: dict[str, Any]) -> None:
+        traced = sum(1 for k in rows if k.startswith("pend/"))
+        if self._may_log():
+            self._append(rows)
+        else:
+            with self.transaction():
+                if self._deferred or self._own_pending >= _PENDING_BATCH:
+                    self._flush_trace()  # replays' rows come before these
+                self._put_rows(rows)
+        if traced:
+            self._own_pending += traced
+            _deferring.add(self)  # moved at exit, if nothing moves it before
 
     # -- blobs (signed pickles) ---------------------------------------------
 
@@ -968,6 +1025,70 @@ class Store:
             return
         with self._log.locked():  # the log's appenders count changes too, without SQLite's lock
             self._changes.append((run, self._versions.bump(run), what, value))
+
+    def _may_log(self) -> bool:
+        """Whether the next commit may be an append to the step log: there is one, and
+        neither it nor what waits for the trace is due to move (see commit_step)."""
+        log = self._log
+        return (
+            log is not None
+            and not self._deferred
+            and self._own_pending < _PENDING_BATCH
+            and self._logged < _PENDING_BATCH
+            and log.head[2] < _LOG_BATCH_BYTES
+        )
+
+    def _append(self, rows: dict[str, Any], run: str | None = None) -> int | None:
+        """Append rows to the step log as one entry; with ``run``, count a change of its
+        step records (see _Versions) and return the counter before it."""
+        log = self._log
+        assert log is not None
+        before = None
+        try:
+            with log.locked():
+                if log.head[2] == _LOG_EMPTY:
+                    self._mine = set()  # an empty log: what follows is known here
+                elif (log.head[1], log.head[2]) != self._mine_at:
+                    self._mine = None  # another process appended since: unknown
+                log.append(rows)
+                if self._mine is not None:
+                    self._mine.update(rows)
+                self._mine_at = (log.head[1], log.head[2])
+                if run is not None:
+                    before = self._versions.bump(run)
+        except OSError as e:
+            raise store_error(e, self.path) from e
+        self._logged += 1
+        _deferring.add(self)  # the log moves into SQLite at exit, if nothing moves it before
+        return before
+
+    def _only_mine(self, key: str) -> bool:
+        """Whether the step log holds entries of this object only, none of them for ``key``
+        (then a read of ``key`` need not move the log first; see _raw). Never for a
+        counter: the log's increments and ``pend/`` rows add to counters."""
+        log = self._log
+        return (
+            log is not None
+            and self._mine is not None
+            and not key.startswith("ctr/")
+            and key not in self._mine
+            and (log.head[1], log.head[2]) == self._mine_at
+        )
+
+    def _put_rows(self, rows: dict[str, Any]) -> None:
+        """In a write transaction: rows of the step log or of a batch; a key starting with
+        ``+`` adds its value to the counter named by the rest of the key."""
+        increments = {k[1:]: v for k, v in rows.items() if k[0] == "+"}
+        if increments:
+            rows = {k: v for k, v in rows.items() if k[0] != "+"}
+        if rows:
+            self._put_many(rows)
+        if increments:
+            args = tuple(x for key, delta in increments.items() for x in (key, int(delta)))
+            found = {key for key, _ in self._rows(_incr_many(len(increments)), args)}
+            damaged = sorted(increments.keys() - found)
+            if damaged:
+                raise self._damaged_counter(damaged[0])
 
     def _fold(self) -> None:
         """In a write transaction: move the step log's entries into SQLite (see _steplog).
@@ -987,12 +1108,13 @@ class Store:
             )
         rows: dict[str, Any] = {}
         for entry in entries:  # in commit order; a step committed twice keeps its last rows
-            rows.update(entry)
-        if rows:
-            self._put_many(rows)
+            for key, value in entry.items():
+                rows[key] = rows.get(key, 0) + value if key[0] == "+" else value
+        self._put_rows(rows)
         self._exec(_put_many(1), (_LOG_FOLDED, _to_json([generation, end])))
         self._folded = (generation, end)
         self._logged = 0
+        self._mine = None
 
     def _apply(self, changes: list[tuple[str, int | None, str, Any]]) -> None:
         for run, before, what, value in changes:
@@ -1267,6 +1389,16 @@ class Store:
             "--store folder."
         )
 
+    def incr_blind(self, run: str, deltas: dict[str, int]) -> None:
+        """Add to counters without reading them back; inside :meth:`batch` it joins it."""
+        rows = getattr(self._tls, "batch", None)
+        if rows is None:
+            self.incr_many(run, deltas)
+            return
+        for name, delta in deltas.items():
+            key = f"+ctr/{run}/{name}"  # "+": an increment (see _put_rows)
+            rows[key] = rows.get(key, 0) + int(delta)
+
     def incr_many(self, run: str, deltas: dict[str, int]) -> dict[str, int]:
         """:meth:`incr` of several counters at once (one statement); their new values.
 
@@ -1386,25 +1518,9 @@ class Store:
             row = {c: v for c, v in zip(TRACE_COLUMNS, values, strict=True) if v is not None}
             rows[next(self._pending_keys)] = _to_json([row, run, int(count)])
             count = False
-        log = self._log
-        if (
-            log is not None
-            and not files
-            and not count
-            and previous is not UNREAD
-            and not self._deferred
-            and self._own_pending < _PENDING_BATCH
-            and self._logged < _PENDING_BATCH
-            and log.head[2] < _LOG_BATCH_BYTES
-        ):  # one append to the step log (see _steplog); SQLite gets it in a later batch
-            try:
-                with log.locked():
-                    log.append(rows)
-                    before = self._versions.bump(run)
-            except OSError as e:
-                raise store_error(e, self.path) from e
-            self._logged += 1
-            _deferring.add(self)  # the log moves into SQLite at exit, if nothing moves it before
+        if not files and not count and previous is not UNREAD and self._may_log():
+            # one append to the step log (see _steplog); SQLite gets it in a later batch
+            before = self._append(rows, run)
             self._apply([(run, before, "step+", (step_id, kept))])
             old = previous or {}
         else:
@@ -1559,6 +1675,10 @@ class Store:
         return bool(self._rows(_ADD, (f"{kind}/{key}", _to_json(value))))
 
     def set_record(self, kind: str, key: str, value: Any) -> None:
+        rows = getattr(self._tls, "batch", None)
+        if rows is not None:
+            rows[f"{kind}/{key}"] = _to_json(value)
+            return
         self._set_json(f"{kind}/{key}", value)
 
     def delete_record(self, kind: str, key: str) -> None:
@@ -1576,6 +1696,12 @@ class Store:
         (:meth:`trace_rows`) and when the process exits. A process killed before
         that loses the rows of its latest replays, never anything else.
         """
+        batch = getattr(self._tls, "batch", None)
+        if batch is not None and not defer:  # waits as a pend/ record, as a step's row does
+            values = trace_values(row)
+            kept = {c: v for c, v in zip(TRACE_COLUMNS, values, strict=True) if v is not None}
+            batch[next(self._pending_keys)] = _to_json([kept, row.get("run"), 0])
+            return
         if defer:
             row.setdefault("ts", time.time())  # when it happened, not when it is written
             with self._deferred_lock:
@@ -1583,9 +1709,11 @@ class Store:
                     _deferring.add(self)
                 self._deferred.append(row)
             return
-        if self._deferred or self._own_pending:
+        # rows waiting as pend/ records come first, this process's and any other's (one
+        # that died before moving its own): a trace keeps the order things happened in
+        if self._deferred or self._own_pending or self._rows(_ANY_PENDING, ()):
             with self.transaction():
-                self._flush_trace()
+                self._flush_trace(everyone=True)
                 self._rows(*_trace_insert(row))
             return
         self._rows(*_trace_insert(row))
@@ -1613,6 +1741,7 @@ class Store:
     def _move_pending(self) -> None:
         """Every ``pend/`` record, oldest first, to a trace row and the run's step count."""
         with self.transaction():
+            self.move_log()  # (in a transaction begun with fold=False, rows wait there too)
             found = self._rows(_PENDING, _range("pend/"))
             counts: dict[str, int] = {}
             for key, raw in found:

@@ -286,6 +286,46 @@ def test_spend_never_ends_above_the_cap(run: nbagent.Run) -> None:
     assert run.reserved_usd == 0
 
 
+def test_a_call_that_fits_once_waiting_settlements_count_is_sent(tmp_path: Path) -> None:
+    """A settlement waits in the step log (no transaction on the call's path) and gives
+    back more reservation than it spends, so the cap check first sees more committed
+    than there is; a call it would refuse is checked again with the log moved in."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200}
+    worst = _worst(body)
+    probe = nbagent.Run("probe", store=tmp_path / "probe")
+    ask(simulated_client(sim=SimulatedLLM(), run=probe), "hi", max_tokens=200)
+    actual = probe.spend_usd  # what the same call really costs
+    assert 0 < actual < worst
+
+    run = nbagent.Run("t", store=tmp_path / "s", max_cost_usd=actual + worst + 1e-9)
+    sim = SimulatedLLM()
+    client = simulated_client(sim=sim, run=run)
+    ask(client, "hi", max_tokens=200)
+    assert run.store._log is not None and run.store._log.pending()  # its settlement waits
+    ask(client, "hi", max_tokens=200)  # fits: actual + worst <= cap
+    assert sim.request_count == 2
+    assert run.spend_usd == pytest.approx(2 * actual) and run.reserved_usd == 0
+    with pytest.raises(nbagent.CostCapExceeded):  # and the next one does not
+        ask(client, "hi", max_tokens=200)
+    assert sim.request_count == 2
+
+
+def test_a_batch_that_raises_writes_nothing(tmp_path: Path) -> None:
+    store = nbagent.Run("t", store=tmp_path / "s").store
+    with pytest.raises(RuntimeError), store.batch():
+        store.set_record("llm", "k", {"a": 1})
+        store.incr_blind("t", {"spend_nusd": 5})
+        raise RuntimeError("boom")
+    assert store.get_record("llm", "k") is None
+    assert store.counter("t", "spend_nusd") == 0
+    with store.batch():
+        store.set_record("llm", "k", {"a": 1})
+        store.incr_blind("t", {"spend_nusd": 5})
+        store.incr_blind("t", {"spend_nusd": 2})
+    assert store.get_record("llm", "k") == {"a": 1}
+    assert store.counter("t", "spend_nusd") == 7
+
+
 def test_no_max_tokens_reserves_the_model_output_limit(run: nbagent.Run) -> None:
     sim = SimulatedLLM()
     client = simulated_client(sim=sim)

@@ -97,7 +97,8 @@ _append = _steplog.StepLog.append
 
 
 def append(self, rows):
-    point("commit")  # the step's commit, before its entry is in the log
+    if any(key.startswith("step/") for key in rows):  # a step's commit (not a settlement)
+        point("commit")  # before its entry is in the log
     return _append(self, rows)
 
 
