@@ -559,19 +559,15 @@ class _Core:
             worst = (prompt * UNKNOWN_MODEL_RATES[0] + output * UNKNOWN_MODEL_RATES[1]) / 1e6
         what = f"this {model} call"
         try:
-            store = call.run.store
             refusal: NbagentError | None = None
-            with store.transaction(fold=False):  # see Run.reserve
-                # a refusal is caught inside: the transaction then commits the cap and alert
-                # rows the run wrote for it (an exception would roll them back)
-                try:
-                    call.reservation = call.run.reserve(worst, what=what)
-                except NbagentError as exc:
-                    refusal = exc
-                if refusal is None and not call.idem_key:
-                    # outside a step: the run's call counter, just incremented by the
-                    # reservation in this same transaction, makes ``run:R:call:N`` unique
-                    call.idem_key = f"run:{call.run.name}:call:{call.run.last_call_number}"
+            try:  # (no transaction: the reservation is one atomic step, see Store.add_if)
+                call.reservation = call.run.reserve(worst, what=what)
+            except NbagentError as exc:
+                refusal = exc
+            if refusal is None and not call.idem_key:
+                # outside a step: the run's call counter, as the reservation left it,
+                # makes ``run:R:call:N`` unique
+                call.idem_key = f"run:{call.run.name}:call:{call.run.last_call_number}"
             if refusal is not None:
                 raise refusal
         except NbagentError as exc:

@@ -460,21 +460,22 @@ class Run:
         used up. Returns the reservation (nano-dollars) to pass to :meth:`settle`.
         """
         worst = max(0, math.ceil(worst_usd * NANO))
-        store = self.store
-        # fold=False: settlements waiting in the step log are not moved in first; they only
-        # make spend + reserved look larger, so a call that passes here passes exactly, and
-        # one that would be refused is checked again after moving them (see move_log)
-        with store.transaction(fold=False):
-            refusal, cap_name = self._check_caps(worst, what)
-            if refusal is not None and store.move_log():
-                refusal, cap_name = self._check_caps(worst, what)
-            if refusal is None:
-                counts = store.incr_many(
-                    self.name,
-                    {"reserved_nusd": worst, "llm_calls": 1, self._owner_counter(): worst},
-                )
-                self.last_call_number = counts["llm_calls"]
-        if refusal is not None:
+        owner = self._owner_counter()
+        refused: list[tuple[CapExceeded, str]] = []
+
+        def decide(record: dict[str, Any], counts: dict[str, int]) -> dict[str, int] | None:
+            _raise_if_stopped(self.name, record)
+            refusal = self._refusal(record, counts, worst, what)
+            if refusal is not None:
+                refused.append(refusal)
+                return None
+            return {"reserved_nusd": worst, "llm_calls": 1, owner: worst}
+
+        counts = self.store.add_if(self.name, ("spend_nusd", "reserved_nusd", "llm_calls"), decide)
+        if counts is not None:
+            self.last_call_number = counts["llm_calls"]
+        if refused:
+            refusal, cap_name = refused[0]
             self.record_event(
                 kind="cap",
                 name=cap_name,
@@ -494,12 +495,11 @@ class Run:
             raise refusal
         return worst
 
-    def _check_caps(self, worst: int, what: str) -> tuple[CapExceeded | None, str]:
-        """In a transaction: (the refusal of a call of worst case ``worst`` nano-dollars,
-        or None; the cap's name). Raises when the run is stopped."""
-        # the run record (stop switch, caps) and the counters: one read
-        rec, counts = self.store.run_state(self.name, ("spend_nusd", "reserved_nusd", "llm_calls"))
-        _raise_if_stopped(self.name, rec)
+    def _refusal(
+        self, rec: dict[str, Any], counts: dict[str, int], worst: int, what: str
+    ) -> tuple[CapExceeded, str] | None:
+        """(the refusal of a call of worst case ``worst`` nano-dollars, the cap's name), or
+        None when it fits, given the run record and its counters."""
         caps = rec.get("caps") or {}
         spent, reserved, calls = counts["spend_nusd"], counts["reserved_nusd"], counts["llm_calls"]
         if caps.get("llm_calls") is not None and calls + 1 > caps["llm_calls"]:
@@ -523,7 +523,7 @@ class Run:
                 f"{format_usd(worst / NANO)}, so it was not sent. Raise the cap on purpose with "
                 "`%nbagent cap --usd X` or run.set_cap(usd=X), or lower max_tokens."
             ), "max_cost_usd"
-        return None, ""
+        return None
 
     def settle(self, reservation: int, actual_usd: float) -> None:
         """Replace a reservation by the call's real cost (atomically: one statement, or
@@ -546,13 +546,14 @@ class Run:
     # in flight when its process was killed can be given back: it was never settled.
 
     def _owner_counter(self) -> str:
-        """The counter of this process's reservations, ``resv:OWNER`` (inside a transaction:
-        the first time, the process is added to the run's owners)."""
+        """The counter of this process's reservations, ``resv:OWNER`` (the first time, the
+        process is added to the run's owners, in a transaction)."""
         owner = _owner_key()
         if self._owner_known != owner:
-            owners = self.store.get_record("resv", self.name) or []
-            if owner not in owners:
-                self.store.set_record("resv", self.name, [*owners, owner])
+            with self.store.transaction():
+                owners = self.store.get_record("resv", self.name) or []
+                if owner not in owners:
+                    self.store.set_record("resv", self.name, [*owners, owner])
             self._owner_known = owner
         return f"resv:{owner}"
 

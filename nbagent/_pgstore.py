@@ -55,7 +55,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ._errors import StepLockedError, StoreError, StoreFormatError
-from ._store import _INLINE_BLOB, _RUN_KINDS, TRACE_COLUMNS, UNREAD, Store, _me
+from ._store import _INLINE_BLOB, _RUN_KINDS, TRACE_COLUMNS, UNREAD, Decide, Store, _me
 
 #: Version of the PostgreSQL layout (independent of the embedded store's).
 #: 2: value blobs as Store format 3 signs them (keyed BLAKE3, ``NBA2``); format 1's are read.
@@ -310,13 +310,12 @@ class PgStore(Store):
             conn.execute(f"DELETE FROM {self._t['kv']} WHERE key = %s", (key,))
 
     @contextlib.contextmanager
-    def transaction(self, fold: bool = True) -> Iterator[None]:
+    def transaction(self) -> Iterator[None]:
         """One atomic read-modify-write across processes and machines.
 
         A database transaction holding ``pg_advisory_xact_lock`` on the store's
         key: it excludes every other transaction and write of this store
-        until it commits. Nested calls join the outer transaction. (``fold``: this
-        store has no step log; see Store.transaction.)
+        until it commits. Nested calls join the outer transaction.
         """
         st = self._state
         if st.depth:
@@ -635,8 +634,9 @@ class PgStore(Store):
     def flush(self) -> None:
         """Nothing waits here: every write reaches PostgreSQL when it is made."""
 
-    def move_log(self) -> bool:
-        return False  # no step log
+    def add_if(self, run: str, counters: tuple[str, ...], decide: Decide) -> dict[str, int] | None:
+        """See Store.add_if: here one transaction."""
+        return self._add_in_transaction(run, counters, decide)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:

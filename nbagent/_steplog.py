@@ -93,35 +93,44 @@ class StepLog:
             raise OSError(28, "No space left on device (short write)")
         self.head[2] = end + len(data)
 
+    def start_after(self, done: Any, generation: int) -> int:
+        """Where the entries not moved yet begin: after ``done`` (the ``[generation, end]``
+        a fold got to, see Store._fold) if it is of this generation, else at the start."""
+        if isinstance(done, list) and len(done) == 2 and done[0] == generation:
+            return max(int(done[1]), HEADER)
+        return HEADER
+
     def read(self, done: Any) -> tuple[int, int, list[dict[str, Any]], bool]:
-        """``(generation, end, entries, damaged)``: the entries after ``done``, the
-        ``[generation, end]`` an earlier fold got to (if of this generation). ``damaged``:
-        an entry failed its check (a power loss, a damaged disk): it and the entries
-        after it are left out."""
+        """``(generation, end, entries, damaged)``: the entries after ``done`` (see
+        start_after). ``damaged``: an entry failed its check (a power loss, a damaged
+        disk): it and the entries after it are left out."""
         with self.locked():  # the header as one: a restart writes both words
             generation, end = self.head[1], self.head[2]
-        start = HEADER
-        if isinstance(done, list) and len(done) == 2 and done[0] == generation:
-            start = max(int(done[1]), HEADER)
+        found, damaged = self.entries(self.start_after(done, generation), end)
+        return generation, end, [rows for _, rows in found], damaged
+
+    def entries(self, start: int, end: int) -> tuple[list[tuple[int, dict[str, Any]]], bool]:
+        """The entries between two offsets, each with the offset where it ends, and
+        whether one failed its check (then it and those after it are left out)."""
         data = os.pread(self.fd, end - start, start) if end > start else b""
-        entries: list[dict[str, Any]] = []
+        found: list[tuple[int, dict[str, Any]]] = []
         at = 0
         while at < len(data):
             if at + _ENTRY.size > len(data):
-                return generation, end, entries, True
+                return found, True
             size, crc = _ENTRY.unpack_from(data, at)
             payload = data[at + _ENTRY.size : at + _ENTRY.size + size]
             if len(payload) != size or zlib.crc32(payload) != crc:
-                return generation, end, entries, True
+                return found, True
             try:
                 rows = marshal.loads(payload)
             except (EOFError, ValueError, TypeError):
-                return generation, end, entries, True
+                return found, True
             if not (isinstance(rows, dict) and all(type(k) is str for k in rows)):
-                return generation, end, entries, True
-            entries.append(rows)
+                return found, True
             at += _ENTRY.size + size
-        return generation, end, entries, False
+            found.append((start + at, rows))
+        return found, False
 
     def restart(self, generation: int, end: int) -> None:
         """After the rows up to ``end`` were committed to SQLite: start the log empty,

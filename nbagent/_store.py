@@ -62,7 +62,7 @@ import uuid
 import warnings
 import weakref
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -454,6 +454,15 @@ def _incr_many(n: int) -> str:
     )
 
 
+#: ``Store.add_if``'s ``decide(run record, counts)``: the increments to make, or None
+Decide = Callable[[dict[str, Any], dict[str, int]], "dict[str, int] | None"]
+
+
+def _increments(rows: dict[str, Any]) -> dict[str, int]:
+    """The counter increments of step-log rows (keys ``+ctr/...``), by counter key."""
+    return {key[1:]: value for key, value in rows.items() if key[0] == "+"}
+
+
 def _range(prefix: str) -> tuple[str, str]:
     """(low, high) bounds of the keys starting with ``prefix`` (which ends with ``/``)."""
     return prefix, prefix[:-1] + "0"  # "0" sorts right after "/"
@@ -628,12 +637,11 @@ class _Transaction:
     or full store is a StoreError at once (diskcache would retry for ever).
     """
 
-    __slots__ = ("store", "began", "fold")
+    __slots__ = ("store", "began")
 
-    def __init__(self, store: Store, fold: bool = True) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
         self.began = False
-        self.fold = fold
 
     def __enter__(self) -> None:
         kv, tid = self.store._kv, threading.get_ident()
@@ -649,7 +657,7 @@ class _Transaction:
         kv._txn_id = tid
         self.began = True
         log = self.store._log
-        if self.fold and log is not None and log.pending():
+        if log is not None and log.pending():
             try:  # steps committed to the log come first (see _steplog)
                 self.store._fold()
             except BaseException:
@@ -692,6 +700,8 @@ class Store:
     _folded: tuple[int, int] | None = None  # (generation, end) the transaction moved
     _mine: set[str] | None = None  # keys of the log's entries when all are this object's
     _mine_at: tuple[int, int] = (0, 0)  # the log's (generation, end) after its last append
+    _incs: list[tuple[int, dict[str, int]]]  # see _waiting_increments
+    _incs_at: tuple[int, int] = (0, 0)  # (generation, end) _incs was read up to
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.path = Path(directory).expanduser().resolve()
@@ -735,6 +745,7 @@ class Store:
             self.id = self._kv.get("meta/id")
         self._key = self._signing_key()
         self._min_file_size: int = self._kv._disk.min_file_size
+        self._incs = []
         if self._versions.counters is not None:  # the log's readers rely on the counters
             try:
                 self._log = StepLog(self.path / "cache.db-steplog")
@@ -954,26 +965,79 @@ class Store:
     def _set_json(self, key: str, value: Any) -> None:
         self._put(key, _to_json(value))
 
-    def transaction(self, fold: bool = True) -> contextlib.AbstractContextManager[None]:
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
         """One atomic read-modify-write across processes (SQLite BEGIN IMMEDIATE).
 
         Nests, in this thread, with itself and with diskcache's own transactions.
-        It moves the step log into SQLite first, unless ``fold=False``: for a
-        transaction that only adds to counters and reads the run record and counters
-        (an LLM call's reservation). What waits in the log commutes with that, and
-        only makes spend + reserved look larger (a settlement waiting there gives
-        back more reservation than it spends); see :meth:`move_log`.
+        It moves the step log into SQLite first.
         """
-        return _Transaction(self, fold)
+        return _Transaction(self)
 
-    def move_log(self) -> bool:
-        """In a transaction: move the step log into SQLite now (for a transaction begun
-        with ``fold=False`` that needs exact counters); False when nothing waited."""
+    def add_if(self, run: str, counters: tuple[str, ...], decide: Decide) -> dict[str, int] | None:
+        """Read the run record and ``counters``, and add to counters what
+        ``decide(record, counts)`` returns (None: nothing), atomically across processes;
+        the ``counters`` after it, or None. (An LLM call's reservation against the caps.)
+
+        With a step log this holds its lock, which every appender takes: the counts are
+        SQLite's plus the increments of the log's entries not moved yet (where the moves
+        got to, ``log/folded``, is read in the same SELECT), and the increments become
+        one entry of the log, with no SQLite transaction. Otherwise one transaction.
+        """
         log = self._log
-        if log is None or not log.pending() or self._folded == (log.head[1], log.head[2]):
-            return False
-        self._fold()
-        return True
+        if log is None or not self._may_log():
+            return self._add_in_transaction(run, counters, decide)
+        with log.locked():
+            keys = (f"run/{run}", *(f"ctr/{run}/{n}" for n in counters), _LOG_FOLDED)
+            found = dict(self._exec(_get_many(len(keys)), keys))  # one snapshot, no move
+            record, counts = self._run_state_of(run, counters, found)
+            start = log.start_after(
+                self._parse_json(_LOG_FOLDED, found.get(_LOG_FOLDED)), log.head[1]
+            )
+            waiting = self._waiting_increments(start)
+            counts = {n: v + waiting.get(f"ctr/{run}/{n}", 0) for n, v in counts.items()}
+            deltas = decide(record, counts)
+            if deltas is not None:
+                self._append_locked({f"+ctr/{run}/{n}": d for n, d in deltas.items()})
+        if deltas is None:
+            return None
+        self._logged += 1
+        _deferring.add(self)  # the log moves into SQLite at exit, if nothing moves it before
+        return {n: counts[n] + deltas.get(n, 0) for n in counters}
+
+    def _add_in_transaction(
+        self, run: str, counters: tuple[str, ...], decide: Decide
+    ) -> dict[str, int] | None:
+        """:meth:`add_if` as one transaction."""
+        with self.transaction():
+            record, counts = self.run_state(run, counters)
+            deltas = decide(record, counts)
+            if deltas is None:
+                return None
+            self.incr_many(run, deltas)
+        return {n: counts[n] + deltas.get(n, 0) for n in counters}
+
+    def _waiting_increments(self, start: int) -> dict[str, int]:
+        """Holding the log's lock: the counter increments of its entries after ``start``.
+        Entries are read once per process (``_incs``: their ends and increments, for the
+        log's current generation); this process's own appends are added as they are made."""
+        log = self._log
+        assert log is not None
+        generation, end = log.head[1], log.head[2]
+        if self._incs_at[0] != generation:
+            self._incs, self._incs_at = [], (generation, _LOG_EMPTY)
+        if self._incs_at[1] < end:
+            found, damaged = log.entries(self._incs_at[1], end)
+            if damaged:  # a fold warns of it; count what is readable
+                end = found[-1][0] if found else self._incs_at[1]
+            for entry_end, rows in found:
+                self._incs.append((entry_end, _increments(rows)))
+            self._incs_at = (generation, end)
+        self._incs = [(e, incs) for e, incs in self._incs if e > start]  # moved ones go
+        waiting: dict[str, int] = {}
+        for _, incs in self._incs:
+            for key, delta in incs.items():
+                waiting[key] = waiting.get(key, 0) + delta
+        return waiting
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -1044,23 +1108,34 @@ class Store:
         log = self._log
         assert log is not None
         before = None
-        try:
-            with log.locked():
-                if log.head[2] == _LOG_EMPTY:
-                    self._mine = set()  # an empty log: what follows is known here
-                elif (log.head[1], log.head[2]) != self._mine_at:
-                    self._mine = None  # another process appended since: unknown
-                log.append(rows)
-                if self._mine is not None:
-                    self._mine.update(rows)
-                self._mine_at = (log.head[1], log.head[2])
-                if run is not None:
-                    before = self._versions.bump(run)
-        except OSError as e:
-            raise store_error(e, self.path) from e
+        with log.locked():
+            self._append_locked(rows)
+            if run is not None:
+                before = self._versions.bump(run)
         self._logged += 1
         _deferring.add(self)  # the log moves into SQLite at exit, if nothing moves it before
         return before
+
+    def _append_locked(self, rows: dict[str, Any]) -> None:
+        """Holding the log's lock: append one entry; keep what this object knows of the log
+        (``_mine``, see _only_mine; ``_incs``, see _waiting_increments)."""
+        log = self._log
+        assert log is not None
+        at = (log.head[1], log.head[2])
+        if at[1] == _LOG_EMPTY:
+            self._mine = set()  # an empty log: what follows is known here
+        elif at != self._mine_at:
+            self._mine = None  # another process appended since: unknown
+        try:
+            log.append(rows)
+        except OSError as e:
+            raise store_error(e, self.path) from e
+        if self._mine is not None:
+            self._mine.update(rows)
+        self._mine_at = (log.head[1], log.head[2])
+        if self._incs_at == at:  # read up to here: add this entry without reading it back
+            self._incs.append((self._mine_at[1], _increments(rows)))
+            self._incs_at = self._mine_at
 
     def _only_mine(self, key: str) -> bool:
         """Whether the step log holds entries of this object only, none of them for ``key``
@@ -1362,10 +1437,17 @@ class Store:
         if "steps" in counters:
             self._flush_trace(everyone=True)  # counts waiting in pend/ records
         keys = [f"run/{run}", *(f"ctr/{run}/{name}" for name in counters)]
-        found = self._raw_many(tuple(keys))
-        record = self._as_dict(keys[0], self._parse_json(keys[0], found.get(keys[0]))) or {}
+        return self._run_state_of(run, counters, self._raw_many(tuple(keys)))
+
+    def _run_state_of(
+        self, run: str, counters: tuple[str, ...], found: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, int]]:
+        """run_state from the rows of its keys (missing ones left out)."""
+        key = f"run/{run}"
+        record = self._as_dict(key, self._parse_json(key, found.get(key))) or {}
         values = {}
-        for name, key in zip(counters, keys[1:], strict=True):
+        for name in counters:
+            key = f"ctr/{run}/{name}"
             value = found.get(key, 0)
             if not isinstance(value, int):
                 raise StoreError(
@@ -1741,7 +1823,6 @@ class Store:
     def _move_pending(self) -> None:
         """Every ``pend/`` record, oldest first, to a trace row and the run's step count."""
         with self.transaction():
-            self.move_log()  # (in a transaction begun with fold=False, rows wait there too)
             found = self._rows(_PENDING, _range("pend/"))
             counts: dict[str, int] = {}
             for key, raw in found:

@@ -288,8 +288,8 @@ def test_spend_never_ends_above_the_cap(run: nbagent.Run) -> None:
 
 def test_a_call_that_fits_once_waiting_settlements_count_is_sent(tmp_path: Path) -> None:
     """A settlement waits in the step log (no transaction on the call's path) and gives
-    back more reservation than it spends, so the cap check first sees more committed
-    than there is; a call it would refuse is checked again with the log moved in."""
+    back more reservation than it spends; the cap check counts what waits there, so it
+    sees exactly what is committed (SQLite's counters alone would refuse this call)."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200}
     worst = _worst(body)
     probe = nbagent.Run("probe", store=tmp_path / "probe")

@@ -204,3 +204,22 @@ def test_processes_append_to_one_log_without_losing_a_step(tmp_path: Path) -> No
     fresh = Store(path)
     assert len(fresh.step_ids("r")) == 450
     assert fresh.counter("r", "steps") == 450
+
+
+def test_a_reservation_waiting_in_the_log_counts_for_another_process(tmp_path: Path) -> None:
+    """Reservations are log entries (no SQLite transaction on a call's path); another
+    process's cap check adds the increments that wait in the log to SQLite's counters.
+    Two Store objects have two locks and two views, as two processes do."""
+    path = tmp_path / "s"
+    a = nbagent.Run("r", store=Store(path), max_cost_usd=1.0)
+    b = nbagent.Run("r", store=Store(path))
+    for run in (a, b):
+        run.settle(run.reserve(0.01), 0.01)  # each knows itself as a reserving owner now
+    kept = a.reserve(0.5)
+    assert _logged_bytes(path) > 0  # it waits in the log
+    with pytest.raises(nbagent.CostCapExceeded, match=r"\+\$0\.50 reserved"):
+        b.reserve(0.5)  # 0.02 spent + 0.5 reserved + 0.5 > 1.0
+    b.reserve(0.4)  # and what fits, fits
+    a.settle(kept, 0.1)
+    assert round(Store(path).counter("r", "spend_nusd") / 1e9, 2) == 0.12
+    assert round(b.reserved_usd, 2) == 0.4
