@@ -474,13 +474,17 @@ class _Core:
     # -- the ledger -------------------------------------------------------------------
 
     def ledger_hit(self, call: _Call) -> dict[str, Any] | None:
-        if call.ledger_key is None:
+        ctx = call.ctx
+        if call.ledger_key is None or ctx is None:
+            return None
+        if ctx.ledger_keys is None:  # one range read per step execution, not one per call
+            ctx.ledger_keys = call.run.store.record_keys("llm", f"{call.run.name}/{ctx.step_id}/")
+        if call.ledger_key not in ctx.ledger_keys:
             return None
         rec = call.run.store.get_record("llm", call.ledger_key)
         if not isinstance(rec, dict):
             return None
-        assert call.ctx is not None
-        step = call.run.store.get_step(call.run.name, call.ctx.step_id)
+        step = call.run.store.get_step(call.run.name, ctx.step_id)
         if step and step.get("finished_at", 0) >= rec.get("ts", 0):
             return None  # answered by an execution that completed: a re-run asks again
         return rec
@@ -520,7 +524,9 @@ class _Core:
             text, enc = call.redact(body.decode("utf-8")), "utf-8"
         except UnicodeDecodeError:
             text, enc = base64.b64encode(body).decode("ascii"), "b64"
-        headers = {k: response.headers[k] for k in _SAFE_HEADERS if k in response.headers}
+        headers = {k: v for k, v in response.headers.items() if k in _SAFE_HEADERS}
+        if call.ctx is not None and call.ctx.ledger_keys is not None:
+            call.ctx.ledger_keys.add(call.ledger_key)
         call.run.store.set_record(
             "llm",
             call.ledger_key,

@@ -107,6 +107,9 @@ class StepContext:
     #: per-attempt counters that give each call and effect a stable position
     call_index: int = 0
     effect_index: dict[str, int] = field(default_factory=dict)
+    #: the keys of this step's call-ledger records, read at its first LLM call (no other
+    #: process writes them while this one holds the step); the client adds its own
+    ledger_keys: set[str] | None = None
 
     @property
     def step_id(self) -> str:

@@ -634,6 +634,15 @@ class PgStore(Store):
     def flush(self) -> None:
         """Nothing waits here: every write reaches PostgreSQL when it is made."""
 
+    def record_keys(self, kind: str, prefix: str) -> set[str]:
+        lo = f"{kind}/{prefix}"
+        rows = (
+            self._conn()
+            .execute(f"SELECT key FROM {self._t['kv']} WHERE starts_with(key, %s)", (lo,))
+            .fetchall()
+        )
+        return {key[len(kind) + 1 :] for (key,) in rows}
+
     def add_if(self, run: str, counters: tuple[str, ...], decide: Decide) -> dict[str, int] | None:
         """See Store.add_if: here one transaction."""
         return self._add_in_transaction(run, counters, decide)

@@ -39,6 +39,7 @@ the pickle stream, so restoring them reads the file once and unpickles in place.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import errno
 import fcntl
@@ -419,9 +420,11 @@ _PENDING_BATCH = 64
 
 
 def _pending_keys() -> Any:
-    """Keys of ``pend/`` records: unique to this Store object and process, in order."""
+    """Keys of ``pend/`` records: unique to this Store object and process, in order.
+    (A map over a count, all in C: threads may take keys at once, which a generator
+    refuses with "generator already executing".)"""
     prefix = f"pend/{uuid.uuid4().hex[:16]}."
-    return (f"{prefix}{n:012d}" for n in itertools.count())
+    return map((prefix + "{:012d}").format, itertools.count())
 
 
 #: a value kept by diskcache (a file, or anything of format 3 and older)
@@ -456,6 +459,32 @@ def _incr_many(n: int) -> str:
 
 #: ``Store.add_if``'s ``decide(run record, counts)``: the increments to make, or None
 Decide = Callable[[dict[str, Any], dict[str, int]], "dict[str, int] | None"]
+
+
+class _Waiting:
+    """The counter increments of the step log's entries that a process has read (see
+    Store.add_if): each entry's end and increments, and their sum, for one generation."""
+
+    __slots__ = ("generation", "read_to", "entries", "total")
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.read_to = _LOG_EMPTY
+        self.entries: collections.deque[tuple[int, dict[str, int]]] = collections.deque()
+        self.total: dict[str, int] = {}
+
+    def add(self, end: int, increments: dict[str, int]) -> None:
+        self.entries.append((end, increments))
+        self.read_to = end
+        for key, delta in increments.items():
+            self.total[key] = self.total.get(key, 0) + delta
+
+    def drop_to(self, start: int) -> None:
+        """Forget the entries that end by ``start`` (moved into SQLite)."""
+        while self.entries and self.entries[0][0] <= start:
+            _, increments = self.entries.popleft()
+            for key, delta in increments.items():
+                self.total[key] -= delta
 
 
 def _increments(rows: dict[str, Any]) -> dict[str, int]:
@@ -700,8 +729,8 @@ class Store:
     _folded: tuple[int, int] | None = None  # (generation, end) the transaction moved
     _mine: set[str] | None = None  # keys of the log's entries when all are this object's
     _mine_at: tuple[int, int] = (0, 0)  # the log's (generation, end) after its last append
-    _incs: list[tuple[int, dict[str, int]]]  # see _waiting_increments
-    _incs_at: tuple[int, int] = (0, 0)  # (generation, end) _incs was read up to
+    _waiting: _Waiting | None = None  # see _waiting_increments
+    _run_memo: tuple[Any, dict[str, Any]] = (None, {})  # see _run_state_of
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.path = Path(directory).expanduser().resolve()
@@ -745,7 +774,6 @@ class Store:
             self.id = self._kv.get("meta/id")
         self._key = self._signing_key()
         self._min_file_size: int = self._kv._disk.min_file_size
-        self._incs = []
         if self._versions.counters is not None:  # the log's readers rely on the counters
             try:
                 self._log = StepLog(self.path / "cache.db-steplog")
@@ -989,7 +1017,7 @@ class Store:
         with log.locked():
             keys = (f"run/{run}", *(f"ctr/{run}/{n}" for n in counters), _LOG_FOLDED)
             found = dict(self._exec(_get_many(len(keys)), keys))  # one snapshot, no move
-            record, counts = self._run_state_of(run, counters, found)
+            record, counts = self._run_state_of(run, counters, found, memo=True)
             start = log.start_after(
                 self._parse_json(_LOG_FOLDED, found.get(_LOG_FOLDED)), log.head[1]
             )
@@ -1018,26 +1046,21 @@ class Store:
 
     def _waiting_increments(self, start: int) -> dict[str, int]:
         """Holding the log's lock: the counter increments of its entries after ``start``.
-        Entries are read once per process (``_incs``: their ends and increments, for the
-        log's current generation); this process's own appends are added as they are made."""
+        Entries are read once per process (see _Waiting); this process's own appends are
+        added as they are made."""
         log = self._log
         assert log is not None
         generation, end = log.head[1], log.head[2]
-        if self._incs_at[0] != generation:
-            self._incs, self._incs_at = [], (generation, _LOG_EMPTY)
-        if self._incs_at[1] < end:
-            found, damaged = log.entries(self._incs_at[1], end)
-            if damaged:  # a fold warns of it; count what is readable
-                end = found[-1][0] if found else self._incs_at[1]
+        waiting = self._waiting
+        if waiting is None or waiting.generation != generation:
+            waiting = self._waiting = _Waiting(generation)
+        if waiting.read_to < end:
+            found, _ = log.entries(waiting.read_to, end)  # (a fold warns of damage)
             for entry_end, rows in found:
-                self._incs.append((entry_end, _increments(rows)))
-            self._incs_at = (generation, end)
-        self._incs = [(e, incs) for e, incs in self._incs if e > start]  # moved ones go
-        waiting: dict[str, int] = {}
-        for _, incs in self._incs:
-            for key, delta in incs.items():
-                waiting[key] = waiting.get(key, 0) + delta
-        return waiting
+                waiting.add(entry_end, _increments(rows))
+            waiting.read_to = end
+        waiting.drop_to(start)
+        return waiting.total
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -1133,20 +1156,22 @@ class Store:
         if self._mine is not None:
             self._mine.update(rows)
         self._mine_at = (log.head[1], log.head[2])
-        if self._incs_at == at:  # read up to here: add this entry without reading it back
-            self._incs.append((self._mine_at[1], _increments(rows)))
-            self._incs_at = self._mine_at
+        waiting = self._waiting
+        if waiting is not None and (waiting.generation, waiting.read_to) == at:
+            waiting.add(self._mine_at[1], _increments(rows))  # known without reading it back
 
-    def _only_mine(self, key: str) -> bool:
+    def _only_mine(self, key: str, prefix: bool = False) -> bool:
         """Whether the step log holds entries of this object only, none of them for ``key``
-        (then a read of ``key`` need not move the log first; see _raw). Never for a
-        counter: the log's increments and ``pend/`` rows add to counters."""
+        (with ``prefix``: for a key starting with it); then a read need not move the log
+        first (see _raw). Never for a counter: the log's increments and ``pend/`` rows
+        add to counters."""
         log = self._log
+        mine = self._mine
         return (
             log is not None
-            and self._mine is not None
+            and mine is not None
             and not key.startswith("ctr/")
-            and key not in self._mine
+            and (not any(k.startswith(key) for k in mine) if prefix else key not in mine)
             and (log.head[1], log.head[2]) == self._mine_at
         )
 
@@ -1440,11 +1465,19 @@ class Store:
         return self._run_state_of(run, counters, self._raw_many(tuple(keys)))
 
     def _run_state_of(
-        self, run: str, counters: tuple[str, ...], found: dict[str, Any]
+        self, run: str, counters: tuple[str, ...], found: dict[str, Any], memo: bool = False
     ) -> tuple[dict[str, Any], dict[str, int]]:
-        """run_state from the rows of its keys (missing ones left out)."""
+        """run_state from the rows of its keys (missing ones left out). ``memo``: the
+        record may be the one parsed last time from the same text (the caller only reads
+        it; an LLM call's reservation reads the same run record call after call)."""
         key = f"run/{run}"
-        record = self._as_dict(key, self._parse_json(key, found.get(key))) or {}
+        raw = found.get(key)
+        if memo and raw is not None and raw == self._run_memo[0]:
+            record = self._run_memo[1]
+        else:
+            record = self._as_dict(key, self._parse_json(key, raw)) or {}
+            if memo:
+                self._run_memo = (raw, record)
         values = {}
         for name in counters:
             key = f"ctr/{run}/{name}"
@@ -1751,6 +1784,17 @@ class Store:
 
     def get_record(self, kind: str, key: str) -> Any:
         return self._get_json(f"{kind}/{key}")
+
+    def record_keys(self, kind: str, prefix: str) -> set[str]:
+        """The keys of the records of ``kind`` that start with ``prefix`` (one range read)."""
+        lo = f"{kind}/{prefix}"
+        args = _range(lo)
+        rows = (
+            self._exec(_RANGE_KEYS, args)
+            if self._only_mine(lo, True)
+            else self._rows(_RANGE_KEYS, args)
+        )
+        return {key[len(kind) + 1 :] for (key,) in rows}
 
     def add_record(self, kind: str, key: str, value: Any) -> bool:
         """Store a record unless one exists; True when this call stored it."""

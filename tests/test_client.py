@@ -872,3 +872,23 @@ def test_prompt_bound_is_an_upper_bound_of_simulated_tokens(run: nbagent.Run) ->
     }
     reply = client.chat.completions.create(**body, max_tokens=10)
     assert reply.usage.prompt_tokens <= prompt_bound("chat", body)
+
+
+def test_a_retried_step_replays_the_calls_its_first_attempt_paid_for(run: nbagent.Run) -> None:
+    """The step reads its call ledger once, at its first call; the calls it makes are
+    added as they are answered, so attempt 2 finds attempt 1's answer without a read."""
+    sim = SimulatedLLM()
+    client = simulated_client(sim=sim)
+    attempts: list[str] = []
+
+    @run.step("s", retries=1)
+    def s() -> str:
+        answer = ask(client, "Question: what is paid once?").choices[0].message.content
+        attempts.append(answer)
+        if len(attempts) == 1:
+            raise TimeoutError("the step fails after its call")  # retried
+        return answer
+
+    assert s() == attempts[0] == attempts[1]
+    assert sim.request_count == 1, "attempt 2 sent the answered call again"
+    assert list(llm_rows(run).status) == ["ok", "replayed"]
