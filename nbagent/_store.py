@@ -1119,8 +1119,9 @@ class Store:
             self._changes.append((run, self._versions.bump(run), what, value))
 
     def _may_log(self) -> bool:
-        """Whether the next commit may be an append to the step log: there is one, and
-        neither it nor what waits for the trace is due to move (see commit_step)."""
+        """Whether the next commit may be an append to the step log: there is one, neither
+        it nor what waits for the trace is due to move (see commit_step), and this thread
+        is not in a transaction (whose rollback must take the commit back too)."""
         log = self._log
         return (
             log is not None
@@ -1128,6 +1129,7 @@ class Store:
             and self._own_pending < _PENDING_BATCH
             and self._logged < _PENDING_BATCH
             and log.head[2] < _LOG_BATCH_BYTES
+            and self._kv._txn_id != threading.get_ident()
         )
 
     def _append(self, rows: dict[str, Any], run: str | None = None) -> int | None:

@@ -223,3 +223,16 @@ def test_a_reservation_waiting_in_the_log_counts_for_another_process(tmp_path: P
     a.settle(kept, 0.1)
     assert round(Store(path).counter("r", "spend_nusd") / 1e9, 2) == 0.12
     assert round(b.reserved_usd, 2) == 0.4
+
+
+def test_a_commit_inside_a_transaction_is_rolled_back_with_it(tmp_path: Path) -> None:
+    """Inside a transaction nothing goes to the log: a rollback takes it all back."""
+    path = tmp_path / "s"
+    run = nbagent.Run("r", store=path, max_cost_usd=1.0)
+    with pytest.raises(RuntimeError), run.store.transaction():
+        _commit(run, "a", 1)
+        run.reserve(0.5)
+        raise RuntimeError("rolled back")
+    fresh = Store(path)
+    assert fresh.get_step("r", "a#1") is None
+    assert fresh.counter("r", "reserved_nusd") == 0
