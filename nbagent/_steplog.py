@@ -1,4 +1,5 @@
-"""The step log: a step's commit as one append to a file, moved into SQLite in batches.
+"""The step log: a step's commit (and an LLM call's reservation and settlement) as one
+append to a file, moved into SQLite in batches.
 
 A step commit through SQLite is a write transaction (BEGIN IMMEDIATE, an UPSERT,
 COMMIT: a dozen system calls and SQLite's pager, B-tree and log code), and in a
@@ -9,8 +10,8 @@ its process being killed, and is in the file system's hands for a power loss).
 
 Layout: a 4 KB header page, mapped into every process (``MAGIC``, the log's
 generation, the end of its valid entries), then entries of ``(length, crc32)``
-and a ``marshal`` of the rows (a dict of str to str or bytes: nothing but data
-is read back; blobs stay signed). An appender writes its entry at the end, then
+and a ``marshal`` of the rows (a dict of str to str, bytes or int: nothing but
+data is read back; blobs stay signed; a key ``+ctr/...`` adds to a counter). An appender writes its entry at the end, then
 moves the end past it, holding the log's lock (``flock`` on the file, and a
 mutex for this process's threads): an entry is in the log once the end covers
 it, so a process killed mid-write leaves bytes past the end that the next entry
@@ -18,11 +19,12 @@ overwrites.
 
 The rows move into SQLite (:meth:`Store._fold`) at the start of every write
 transaction, so SQLite's writes stay in commit order, and before every read, so
-readers never miss a step. The fold records ``(generation, end)`` in SQLite in
+readers never miss a step (a reservation instead counts what waits here, under the
+log's lock: Store.add_if). The fold records ``(generation, end)`` in SQLite in
 its own transaction; after COMMIT the log restarts empty under a new generation
 (if nothing was appended meanwhile), so a process killed between the two never
-moves rows twice. Written by hand: ~100 lines of ``mmap`` and ``pwrite``; SQLite
-remains the store (diskcache's database), this is its front door for steps.
+moves rows twice. Written by hand: ~150 lines of ``mmap`` and ``pwrite``; SQLite
+remains the store (diskcache's database), this is its front door for steps and calls.
 """
 
 from __future__ import annotations
