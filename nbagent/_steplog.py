@@ -48,6 +48,20 @@ _ENTRY = struct.Struct("<II")  # payload length, crc32 of the payload
 _RESET_SIZE = 1 << 20  # a log grown past this is also cut back on disk when it restarts
 
 
+def waiting_in_log(path: Path) -> bool:
+    """Whether a step log holds entries, read without mapping it (for a process that cannot
+    map files, which must not use a store whose other processes log steps)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError:
+        return False
+    if len(head) < 24:
+        return False
+    magic, _, end = struct.unpack("<QQQ", head)
+    return bool(magic == MAGIC and end > HEADER)
+
+
 class StepLog:
     """The step log of one store (see the module's doc). Its lock is its own; a process
     that holds both takes SQLite's write lock first."""

@@ -72,7 +72,7 @@ import diskcache
 
 from ._errors import StepLockedError, StoreError, StoreFormatError
 from ._steplog import HEADER as _LOG_EMPTY
-from ._steplog import StepLog
+from ._steplog import StepLog, waiting_in_log
 
 #: Version of the on-disk layout. Bump it (and keep a fixture of the old
 #: layout under tests/) when a key or a record changes shape. Older stores are
@@ -784,6 +784,13 @@ class Store:
                 self._log = StepLog(self.path / "cache.db-steplog")
             except (OSError, ValueError):
                 self._log = None  # e.g. no shared maps: steps commit to SQLite, as before
+        if self._log is None and waiting_in_log(self.path / "cache.db-steplog"):
+            raise StoreError(
+                f"the nbagent store at {self.path} has steps waiting in its step log "
+                "(cache.db-steplog), which this process cannot read: it cannot map files there. "
+                "Open the store from a process that can (the one that wrote them moves them in "
+                "when it closes), or use a store folder on a local disk."
+            )
         # named like diskcache's own files, so Cache.check() neither reports nor deletes it
         self._lock_file = str(self.path / "cache.db-locks")
         #: trace rows written later (``add_trace(defer=True)``: replays), in order

@@ -19,6 +19,7 @@ import pytest
 
 import nbagent
 from nbagent import _steplog
+from nbagent._errors import StoreError
 from nbagent._store import Store
 
 
@@ -236,3 +237,22 @@ def test_a_commit_inside_a_transaction_is_rolled_back_with_it(tmp_path: Path) ->
     fresh = Store(path)
     assert fresh.get_step("r", "a#1") is None
     assert fresh.counter("r", "reserved_nusd") == 0
+
+
+def test_a_process_that_cannot_map_files_refuses_a_store_with_logged_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "s"
+    run = nbagent.Run("r", store=path)
+    _commit(run, "a", 1)  # waits in the log
+
+    def no_maps(*args: object, **kwargs: object) -> None:
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(_steplog.StepLog, "__init__", no_maps)
+    with pytest.raises(StoreError, match="waiting in its step log.*cannot map files"):
+        Store(path)
+    monkeypatch.undo()
+    run.store.close()  # the writer moves its steps in when it closes
+    monkeypatch.setattr(_steplog.StepLog, "__init__", no_maps)
+    assert Store(path).get_step("r", "a#1") is not None
