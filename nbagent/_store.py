@@ -1040,8 +1040,6 @@ class Store:
                 self._append_locked({f"+ctr/{run}/{n}": d for n, d in deltas.items()})
         if deltas is None:
             return None
-        self._logged += 1
-        _deferring.add(self)  # the log moves into SQLite at exit, if nothing moves it before
         return {n: counts[n] + deltas.get(n, 0) for n in counters}
 
     def _add_in_transaction(
@@ -1119,10 +1117,8 @@ class Store:
         ``step+`` (a step committed: its id and rows, see _Known), ``step-`` (a step id
         dropped), ``record`` (the run record now), ``drop`` (the whole run). Applied to
         ``_known`` when the transaction commits."""
-        if self._log is None:
-            self._changes.append((run, self._versions.bump(run), what, value))
-            return
-        with self._log.locked():  # the log's appenders count changes too, without SQLite's lock
+        # the log's appenders count changes too, without SQLite's lock
+        with self._log.locked() if self._log is not None else contextlib.nullcontext():
             self._changes.append((run, self._versions.bump(run), what, value))
 
     def _may_log(self) -> bool:
@@ -1149,13 +1145,11 @@ class Store:
             self._append_locked(rows)
             if run is not None:
                 before = self._versions.bump(run)
-        self._logged += 1
-        _deferring.add(self)  # the log moves into SQLite at exit, if nothing moves it before
         return before
 
     def _append_locked(self, rows: dict[str, Any]) -> None:
         """Holding the log's lock: append one entry; keep what this object knows of the log
-        (``_mine``, see _only_mine; ``_incs``, see _waiting_increments)."""
+        (``_mine``, see _only_mine; ``_waiting``, see _waiting_increments)."""
         log = self._log
         assert log is not None
         at = (log.head[1], log.head[2])
@@ -1173,6 +1167,8 @@ class Store:
         waiting = self._waiting
         if waiting is not None and (waiting.generation, waiting.read_to) == at:
             waiting.add(self._mine_at[1], _increments(rows))  # known without reading it back
+        self._logged += 1
+        _deferring.add(self)  # the log moves into SQLite at exit, if nothing moves it before
 
     def _only_mine(self, key: str, prefix: bool = False) -> bool:
         """Whether the step log holds entries of this object only, none of them for ``key``
@@ -1201,11 +1197,7 @@ class Store:
             # the next ledger record...) split B-tree pages half-full, 1.9x the pages
             self._put_many(dict(sorted(rows.items(), key=_kind_of)))
         if increments:
-            args = tuple(x for key, delta in increments.items() for x in (key, int(delta)))
-            found = {key for key, _ in self._rows(_incr_many(len(increments)), args)}
-            damaged = sorted(increments.keys() - found)
-            if damaged:
-                raise self._damaged_counter(damaged[0])
+            self._incr_keys(increments)
 
     def _fold(self) -> None:
         """In a write transaction: move the step log's entries into SQLite (see _steplog).
@@ -1536,15 +1528,19 @@ class Store:
 
         All or none: a damaged counter raises (the increments are rolled back).
         """
-        keys = {f"ctr/{run}/{name}": name for name in deltas}
-        args = tuple(x for key, name in keys.items() for x in (key, int(deltas[name])))
+        names = {f"ctr/{run}/{name}": name for name in deltas}
         with self.transaction():
-            found = {
-                keys[key]: int(value) for key, value in self._rows(_incr_many(len(keys)), args)
-            }
-            damaged = sorted(f"ctr/{run}/{name}" for name in deltas if name not in found)
-            if damaged:
-                raise self._damaged_counter(damaged[0])
+            found = self._incr_keys({key: deltas[name] for key, name in names.items()})
+        return {names[key]: value for key, value in found.items()}
+
+    def _incr_keys(self, increments: dict[str, int]) -> dict[str, int]:
+        """Add to counters named by their keys (one statement); their new values. A damaged
+        counter raises (inside a transaction, which then rolls the others back)."""
+        args = tuple(x for key, delta in increments.items() for x in (key, int(delta)))
+        found = {key: int(value) for key, value in self._rows(_incr_many(len(increments)), args)}
+        damaged = sorted(increments.keys() - found.keys())
+        if damaged:
+            raise self._damaged_counter(damaged[0])
         return found
 
     def drop_run(self, run: str) -> int:
